@@ -1,0 +1,225 @@
+"""The ``charlm`` command line: parse options, build a config, call one library function, render
+its result. Library errors (:class:`CharlmError`) become one line on stderr and an exit code.
+
+Heavy imports (torch, sentencepiece) happen inside the commands, so ``charlm --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from charlm.config import (
+    Cell,
+    ModelConfig,
+    OptimizerKind,
+    RunConfig,
+    SampleConfig,
+    TokenizerConfig,
+    TokenizerKind,
+    TrainConfig,
+    parse_duration,
+)
+from charlm.errors import CharlmError
+
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="charlm",
+    help="Train, sample and evaluate recurrent (LSTM/GRU/RNN) language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stderr = Console(stderr=True)
+T = TypeVar("T")
+
+Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+RunArg = Annotated[
+    Path | None,
+    typer.Argument(help="Run directory; default: the most recent run under checkpoints/.",
+                   show_default=False),
+]
+Tag = Annotated[str, typer.Option(help="Which checkpoint of the run: best or latest.")]
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option(help="Show full tracebacks for errors.")] = False,
+) -> None:
+    ctx.obj = {"debug": debug}
+
+
+def _guard(ctx: typer.Context, action: Callable[[], T]) -> T:
+    """Run ``action``; turn charlm errors and Ctrl-C into one line and an exit code."""
+    try:
+        return action()
+    except CharlmError as exc:
+        if ctx.obj and ctx.obj.get("debug"):
+            raise
+        stderr.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    corpus: Annotated[list[Path], typer.Argument(help="One or more UTF-8 text files.",
+                                                 show_default=False)],
+    out: Annotated[Path | None, typer.Option(help="Run directory [default: checkpoints/<corpus name>, "
+                                             "numbered if taken].", show_default=False)] = None,
+    tokenizer: Annotated[TokenizerKind, typer.Option(help="SentencePiece model type.")] = TokenizerKind.char,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size for bpe/unigram (char: all characters).")] = 2000,
+    cell: Annotated[Cell, typer.Option(help="Recurrent cell.")] = Cell.lstm,
+    layers: Annotated[int, typer.Option(help="Stacked recurrent layers.")] = 2,
+    hidden: Annotated[int, typer.Option(help="Hidden units per layer.")] = 512,
+    embed: Annotated[int, typer.Option(help="Embedding size.")] = 512,
+    dropout: Annotated[float, typer.Option(help="Dropout on embeddings, between layers and before the decoder.")] = 0.1,
+    tie_weights: Annotated[bool, typer.Option(help="Share embedding and decoder weights (needs --embed = --hidden).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Parallel token streams per step.")] = 64,
+    bptt: Annotated[int, typer.Option(help="Tokens per truncated-BPTT window.")] = 128,
+    optimizer: Annotated[OptimizerKind, typer.Option(help="sgd (clipped, annealed) or adam.")] = OptimizerKind.sgd,
+    lr: Annotated[float | None, typer.Option(help="Learning rate [default: sgd 1.0, adam 0.002].", show_default=False)] = None,
+    clip: Annotated[float, typer.Option(help="Clip the global gradient norm to this.")] = 1.0,
+    epochs: Annotated[int, typer.Option(help="Stop after this many passes over the corpus.")] = 10,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.", show_default=False)] = None,
+    max_time: Annotated[str | None, typer.Option(help="Stop after this long: seconds or 90s, 10m, 1h.", show_default=False)] = None,
+    val_fraction: Annotated[float, typer.Option(help="Held-out tail of the corpus for validation.")] = 0.05,
+    eval_every: Annotated[int, typer.Option(help="Validate (and checkpoint) every this many steps.")] = 100,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed repeats a run on the same machine.")] = 1234,
+    device: Device = "auto",
+    encoding: Annotated[str, typer.Option(help="Text encoding of the corpus.")] = "utf-8",
+) -> None:
+    """Train a language model on CORPUS; writes a run directory under checkpoints/."""
+
+    def action() -> int:
+        from charlm import checkpoint
+        from charlm.progress import TrainProgress
+        from charlm.train import fit, prepare_run
+
+        config = RunConfig(
+            tokenizer=TokenizerConfig(tokenizer, vocab_size),
+            model=ModelConfig(cell=cell, layers=layers, hidden=hidden, embed=embed,
+                              dropout=dropout, tie_weights=tie_weights),
+            train=TrainConfig(batch_size=batch_size, bptt=bptt, optimizer=optimizer, lr=lr,
+                              clip=clip, epochs=epochs, max_steps=max_steps,
+                              max_time=parse_duration(max_time) if max_time else None,
+                              val_fraction=val_fraction, eval_every=eval_every, seed=seed,
+                              device=device),
+        )
+        from charlm.device import resolve_device
+
+        resolve_device(device)  # refuse a missing GPU before any work
+        run_dir = out or checkpoint.new_run_dir(corpus[0].stem or "run")
+        with TrainProgress(stderr) as progress:
+            run, train_ids, val_ids = prepare_run(corpus, config, run_dir, encoding, progress)
+            progress.chars_per_token = len(run.heldout_text()) / max(val_ids.numel(), 1)
+            result = fit(run, train_ids, val_ids, progress)
+        best = f"best val bpc {result.best.bpc:.4f} (ppl {result.best.perplexity:.3f})" if result.best else "no validation yet"
+        stderr.print(f"{result.stop_reason}: {result.steps} steps, {result.tokens:,} tokens in "
+                     f"{result.elapsed:.0f}s; {best}; run saved in {result.run_dir}", highlight=False)
+        return EXIT_INTERRUPTED if result.stop_reason == "interrupted" else 0
+
+    code = _guard(ctx, action)
+    if code:
+        raise typer.Exit(code)
+
+
+def _open(run_path: Path | None, tag: str, device: str) -> tuple[Any, Any]:
+    """Load a run (default: the most recent) and its model on the device."""
+    from charlm import checkpoint
+    from charlm.device import resolve_device
+
+    dev = resolve_device(device)
+    run = checkpoint.load_run(run_path or checkpoint.latest_run())
+    if tag == checkpoint.BEST and not (run.path / checkpoint.BEST).exists():
+        tag = checkpoint.LATEST  # a run interrupted before its first validation
+    return run, checkpoint.load_model(run, tag, dev)
+
+
+@app.command()
+def sample(
+    ctx: typer.Context,
+    run: RunArg = None,
+    temp: Annotated[float, typer.Option(help="Temperature; 0 picks the most likely token.")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample from the smallest set with this probability (1: all).")] = 1.0,
+    prime: Annotated[str, typer.Option(help="Text to start from; printed first.")] = "",
+    length: Annotated[int, typer.Option(help="Tokens to generate per sample.")] = 500,
+    num_samples: Annotated[int, typer.Option(help="How many samples.")] = 1,
+    seed: Annotated[int | None, typer.Option(help="Random seed; the same seed gives the same text.", show_default=False)] = None,
+    checkpoint: Tag = "best",
+    device: Device = "auto",
+) -> None:
+    """Generate text from a trained run; the text streams to stdout."""
+
+    def action() -> None:
+        from charlm.generate import generate, make_generator
+
+        config = SampleConfig(length=length, temperature=temp, top_k=top_k, top_p=top_p,
+                              prime=prime, num_samples=num_samples, seed=seed)
+        loaded, model = _open(run, checkpoint, device)
+        generator = make_generator(config.seed)
+        for i in range(config.num_samples):
+            if config.num_samples > 1:
+                stderr.rule(f"sample {i + 1} of {config.num_samples}")
+            sys.stdout.write(config.prime)
+            last = config.prime
+            for piece in generate(model, loaded.tokenizer, config, generator):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                last = piece or last
+            if not last.endswith("\n"):
+                sys.stdout.write("\n")
+            sys.stdout.flush()
+
+    _guard(ctx, action)
+
+
+@app.command("eval")
+def eval_(
+    ctx: typer.Context,
+    run: RunArg = None,
+    data: Annotated[Path | None, typer.Option(help="Score this text instead of the run's held-out split.", show_default=False)] = None,
+    perplexity: Annotated[bool, typer.Option("--perplexity", help="Report perplexity and bits per character (the default report).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
+    checkpoint: Tag = "best",
+    encoding: Annotated[str, typer.Option(help="Text encoding of --data.")] = "utf-8",
+    device: Device = "auto",
+) -> None:
+    """Score held-out text: tokens, loss (nats), perplexity per token, bits per character."""
+
+    def action() -> None:
+        import torch
+
+        from charlm.data import read_corpus
+        from charlm.evaluate import evaluate
+        from charlm.progress import eval_table
+
+        loaded, model = _open(run, checkpoint, device)
+        text = read_corpus([data], encoding) if data else loaded.heldout_text()
+        ids = torch.tensor(loaded.tokenizer.encode(text), dtype=torch.long)
+        result = evaluate(model, ids, len(text), loaded.tokenizer.newline_id).to_dict()
+        result["run"] = str(loaded.path)
+        result["data"] = str(data) if data else "held-out split"
+        if as_json:
+            sys.stdout.write(json.dumps(result) + "\n")
+        else:
+            Console().print(eval_table(f"{loaded.path} on {result['data']}", result))
+
+    _guard(ctx, action)
+
+
+def main() -> None:
+    """Entry point of the ``charlm`` console script."""
+    app()

@@ -1,0 +1,207 @@
+"""Typed, frozen configuration of a run, with validation and a JSON round trip.
+
+One config is saved with the weights, so ``sample`` and ``eval`` rebuild the model and tokenizer
+from the run directory alone. Validation lives here, next to the fields it guards, so a bad option
+is refused before any work is done (it imports only the stdlib and :mod:`charlm.errors`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from charlm.errors import ConfigError
+
+
+class Cell(str, Enum):
+    """Recurrent cell of the model; the value is the name of the ``torch.nn`` class's lower case."""
+
+    lstm = "lstm"
+    gru = "gru"
+    rnn = "rnn"
+
+
+class TokenizerKind(str, Enum):
+    """SentencePiece model type."""
+
+    char = "char"
+    bpe = "bpe"
+    unigram = "unigram"
+
+
+class OptimizerKind(str, Enum):
+    """Optimizer: clipped SGD (the classic recipe) or Adam."""
+
+    sgd = "sgd"
+    adam = "adam"
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """How to build the tokenizer. ``vocab_size`` is ignored for ``char``: its vocabulary is every
+    character of the corpus plus the 256 byte-fallback pieces."""
+
+    kind: TokenizerKind = TokenizerKind.char
+    vocab_size: int = 2000
+
+    def __post_init__(self) -> None:
+        _positive("--vocab-size", self.vocab_size)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the recurrent language model: embedding -> stacked cell -> dropout -> decoder."""
+
+    vocab_size: int = 0  # 0 until the tokenizer is built, then its vocabulary size
+    cell: Cell = Cell.lstm
+    layers: int = 2
+    hidden: int = 512
+    embed: int = 512
+    dropout: float = 0.1
+    tie_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 0:
+            raise ConfigError(f"vocab_size must not be negative, got {self.vocab_size}")
+        for name in ("layers", "hidden", "embed"):
+            _positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.tie_weights and self.embed != self.hidden:
+            raise ConfigError(
+                f"--tie-weights needs --embed equal to --hidden (got {self.embed} and {self.hidden})"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: batching, optimizer, schedule, stopping and evaluation."""
+
+    batch_size: int = 64
+    bptt: int = 128
+    optimizer: OptimizerKind = OptimizerKind.sgd
+    lr: float | None = None  # None: the optimizer's default, see ``effective_lr``
+    clip: float = 1.0
+    anneal: float = 0.5
+    epochs: int = 10
+    max_steps: int | None = None
+    max_time: float | None = None  # seconds
+    val_fraction: float = 0.05
+    eval_every: int = 100
+    seed: int = 1234
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "bptt", "clip", "epochs", "eval_every"):
+            _positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        for name in ("lr", "max_steps", "max_time"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(f"--{name.replace('_', '-')}", value)
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 < self.anneal <= 1:
+            raise ConfigError(f"--anneal must be in (0, 1], got {self.anneal}")
+
+    @property
+    def effective_lr(self) -> float:
+        """The learning rate used: the given one, or a default that works for the optimizer."""
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LR[self.optimizer]
+
+
+DEFAULT_LR = {OptimizerKind.sgd: 1.0, OptimizerKind.adam: 2e-3}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything needed to rebuild a run's tokenizer and model, saved as ``config.json``."""
+
+    tokenizer: TokenizerConfig
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    corpus: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (enums become their string values)."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error so a newer format is noticed."""
+        try:
+            tok = data["tokenizer"]
+            model = data["model"]
+            return cls(
+                tokenizer=TokenizerConfig(TokenizerKind(tok["kind"]), tok["vocab_size"]),
+                model=ModelConfig(**{**model, "cell": Cell(model["cell"])}),
+                train=TrainConfig(
+                    **{**data["train"], "optimizer": OptimizerKind(data["train"]["optimizer"])}
+                ),
+                corpus=tuple(data.get("corpus", ())),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"config is not a charlm run config: {exc}") from exc
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([hms]?)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: a number of seconds or a duration such as ``90s``, ``10m``, ``1h30m``.
+
+    Raises:
+        ConfigError: if ``text`` is not such a duration or is not positive.
+    """
+    compact = text.strip().lower().replace(" ", "")
+    parts = _DURATION.findall(compact)
+    if not compact or "".join(n + u for n, u in parts) != compact:
+        raise ConfigError(f"--max-time: cannot read {text!r} as a duration (try 600, 90s, 10m, 1h)")
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    _positive("--max-time", seconds)
+    return seconds
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How to sample: ``temperature`` 0 means greedy; ``top_k`` 0 and ``top_p`` 1 switch those
+    filters off; ``length`` counts generated tokens (characters for a char tokenizer)."""
+
+    length: int = 500
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    prime: str = ""
+    num_samples: int = 1
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.length < 0:
+            raise ConfigError(f"--length must not be negative, got {self.length}")
+        if self.temperature < 0:
+            raise ConfigError(f"--temp must not be negative, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k must not be negative, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        _positive("--num-samples", self.num_samples)

@@ -1,0 +1,77 @@
+"""Loss, perplexity and bits per character over a text, the one definition used by train and eval.
+
+Every token of the text is scored once, each from the tokens before it (the first from a newline
+context), so the total loss in nats is a property of the model and the text alone:
+
+- loss (nats per token)       = total / tokens
+- perplexity per token        = exp(loss)
+- bits per character (bpc)    = total / (ln 2 * characters)
+
+bpc divides by characters, not tokens, so runs with different tokenizers compare on one scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn import functional as F
+
+from charlm.data import eval_streams
+from charlm.model import RNNLM
+
+EVAL_STREAMS = 32
+EVAL_WINDOW = 256
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The score of a model on a text."""
+
+    tokens: int
+    characters: int
+    loss: float  # mean nats per token
+    perplexity: float  # per token
+    bpc: float  # bits per character
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Plain data for JSON output."""
+        return asdict(self)
+
+
+def score(total_nats: float, tokens: int, characters: int) -> EvalResult:
+    """Turn a summed loss into the reported figures (see the module docstring)."""
+    loss = total_nats / tokens
+    return EvalResult(
+        tokens=tokens,
+        characters=characters,
+        loss=loss,
+        perplexity=math.exp(min(loss, 700.0)),  # exp overflows a float past ~709
+        bpc=total_nats / (math.log(2) * characters),
+    )
+
+
+@torch.no_grad()
+def evaluate(model: RNNLM, ids: torch.Tensor, characters: int, start_id: int,
+             streams: int = EVAL_STREAMS, window: int = EVAL_WINDOW) -> EvalResult:
+    """Score ``ids`` (N,), the encoding of a text of ``characters`` characters.
+
+    The text is cut into ``streams`` contiguous pieces evaluated in parallel, the hidden state
+    carried across windows; the layout depends only on N, so the same text always gets the same
+    figure, in training and in ``charlm eval``.
+    """
+    was_training = model.training
+    model.eval()
+    device = model.decoder.weight.device
+    layout = eval_streams(ids, start_id, streams)
+    hidden = None
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(0, layout.inputs.size(0), window):
+        x = layout.inputs[i : i + window].to(device)  # (w, B)
+        y = layout.targets[i : i + window].to(device)  # (w, B)
+        logits, hidden = model(x, hidden)  # (w, B, V)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                 ignore_index=-100, reduction="sum").double()
+    model.train(was_training)
+    return score(total.item(), layout.tokens, characters)

@@ -1,0 +1,92 @@
+"""Rich rendering of training progress and results, on stderr (stdout is for sampled text and
+JSON). Implements :class:`charlm.train.Callbacks`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console, RenderableType
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+LN2 = math.log(2)
+
+
+class _TwoLineProgress(Progress):
+    """A progress bar with the training figures on a second line, so it fits 80 columns."""
+
+    figures: Text = Text()
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        yield self.figures
+
+
+class TrainProgress:
+    """A live progress bar for ``charlm train`` plus a line per validation.
+
+    Args:
+        console: where to draw (a stderr console in the CLI).
+        chars_per_token: to turn a training loss per token into bits per character.
+    """
+
+    def __init__(self, console: Console, chars_per_token: float = 1.0) -> None:
+        self.console = console
+        self.chars_per_token = chars_per_token
+        self._progress = _TwoLineProgress(
+            TextColumn("[bold]epoch {task.fields[epoch]}[/] step {task.fields[step]:,}"),
+            BarColumn(bar_width=None),
+            TaskProgressColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            expand=True,
+        )
+        self._task = self._progress.add_task("train", total=1.0, start=False, epoch="-", step=0)
+
+    def __enter__(self) -> TrainProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._progress.stop()
+
+    def on_status(self, message: str) -> None:
+        """A phase of the run (tokenizer, encoding, model size)."""
+        self._progress.console.print(f"[dim]{message}[/]")
+
+    def on_step(self, report: Any) -> None:
+        """Update the bar from a :class:`charlm.train.StepReport`."""
+        self._progress.start_task(self._task)
+        self._progress.update(self._task, completed=report.fraction,
+                              epoch=f"{report.epoch}/{report.epochs}", step=report.step)
+        self._progress.figures = Text(
+            f"loss {report.loss:.3f}  ppl {math.exp(min(report.loss, 700)):.2f}  "
+            f"bpc {report.loss / LN2 / self.chars_per_token:.3f}  lr {report.lr:.3g}  "
+            f"|grad| {report.grad_norm:.2f}  {report.tokens_per_sec:,.0f} tok/s",
+            style="cyan",
+        )
+
+    def on_eval(self, record: dict[str, Any]) -> None:
+        """One line per validation, kept above the bar."""
+        self._progress.console.print(
+            f"step {record['step']:>6}  tokens {record['tokens']:>11,}  "
+            f"val loss {record['val_loss']:.4f}  ppl {record['val_ppl']:.3f}  "
+            f"bpc {record['val_bpc']:.4f}  lr {record['lr']:.3g}"
+        )
+
+
+def eval_table(title: str, result: dict[str, Any]) -> Table:
+    """The result of ``charlm eval`` as a two-column table."""
+    table = Table(title=title, show_header=False)
+    table.add_row("tokens", f"{result['tokens']:,}")
+    table.add_row("characters", f"{result['characters']:,}")
+    table.add_row("loss (nats/token)", f"{result['loss']:.4f}")
+    table.add_row("perplexity (per token)", f"{result['perplexity']:.4f}")
+    table.add_row("bits per character", f"{result['bpc']:.4f}")
+    return table

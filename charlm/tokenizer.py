@@ -1,0 +1,189 @@
+"""SentencePiece tokenizer (char, BPE or unigram), exactly lossless on any UTF-8 text.
+
+SentencePiece alone is nearly lossless once its normalisation is switched off: identity
+normalisation, no dummy prefix, no whitespace folding, byte fallback for characters never seen in
+training, and the newline as a piece of its own. One hole remains: it writes spaces as the meta
+symbol U+2581 and cannot switch that off, so a literal U+2581 in the text would come back as a
+space. We close it with a one-character escape (``ESC``) applied before encoding and undone after
+decoding; :class:`StreamDecoder` handles pieces that only make sense together (escape pairs and
+multi-byte characters split into byte pieces).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable, Iterator
+
+import sentencepiece as spm
+
+from charlm.config import TokenizerConfig, TokenizerKind
+from charlm.errors import TokenizerError
+
+META = "\u2581"  # SentencePiece's space symbol
+ESC = "\ue000"  # a private-use character, escaped itself, so escaping is a bijection
+_UNESCAPE = re.compile(ESC + "([" + ESC + "_])")
+NEWLINE = "\n"
+_TRAIN_LINE_CHARS = 2000  # SentencePiece skips training "sentences" over 4192 bytes
+_TRAIN_MAX_LINES = 2_000_000  # a sample this large gives the same vocabulary, in bounded memory
+_ENCODE_CHUNK_CHARS = 1 << 20
+_BYTE_PIECES = 256
+
+
+def escape(text: str) -> str:
+    """Make ``text`` safe for SentencePiece: ESC -> ESC ESC, U+2581 -> ESC '_'."""
+    return text.replace(ESC, ESC + ESC).replace(META, ESC + "_")
+
+
+def unescape(text: str) -> str:
+    """Inverse of :func:`escape`; a lone ESC (which only a model's sample can produce) is kept."""
+    return _UNESCAPE.sub(lambda m: ESC if m.group(1) == ESC else META, text)
+
+
+class Tokenizer:
+    """A trained SentencePiece model plus the escape layer; build with :func:`train_tokenizer`
+    or :meth:`from_bytes`."""
+
+    def __init__(self, model_proto: bytes) -> None:
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except (RuntimeError, TypeError) as exc:
+            raise TokenizerError(f"not a SentencePiece model: {exc}") from exc
+        self._proto = model_proto
+        self.newline_id: int = self._sp.piece_to_id(NEWLINE)
+
+    @classmethod
+    def from_bytes(cls, model_proto: bytes) -> Tokenizer:
+        """Load a tokenizer saved with :meth:`to_bytes`."""
+        return cls(model_proto)
+
+    def to_bytes(self) -> bytes:
+        """The serialized SentencePiece model (a protobuf, no code)."""
+        return self._proto
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, byte-fallback pieces included."""
+        return int(self._sp.get_piece_size())
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; ``decode(encode(text)) == text`` for any string without surrogates.
+
+        Long texts are encoded in chunks cut after a newline: the newline is a piece of its own,
+        so cutting there changes nothing, and SentencePiece encodes the chunks in parallel.
+        """
+        chunks = list(_chunks(escape(text), _ENCODE_CHUNK_CHARS))
+        ids: list[int] = []
+        for chunk_ids in self._sp.encode(chunks, num_threads=0):
+            ids.extend(chunk_ids)
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``, exactly what :meth:`encode` was given."""
+        return unescape(self._sp.decode(list(ids)))
+
+    def piece(self, token_id: int) -> str:
+        """The SentencePiece piece of one id (for display and tests)."""
+        return str(self._sp.id_to_piece(token_id))
+
+
+class StreamDecoder:
+    """Decodes ids one at a time for streaming output.
+
+    Pieces are held back while they cannot yet be decoded on their own: byte-fallback pieces of a
+    multi-byte character (SentencePiece decodes an incomplete one as U+FFFD) and the first half of
+    an escape pair. A malformed run (as a model may sample) is released after a few ids.
+    """
+
+    _MAX_PENDING = 8
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._sp = tokenizer._sp
+        self._pending: list[int] = []
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text that is now certain (possibly empty)."""
+        self._pending.append(token_id)
+        raw = self._sp.decode(self._pending)
+        trailing_esc = len(raw) - len(raw.rstrip(ESC))
+        incomplete = raw.endswith("\ufffd") or trailing_esc % 2 == 1
+        if incomplete and len(self._pending) < self._MAX_PENDING:
+            return ""
+        return self.flush(raw)
+
+    def flush(self, raw: str | None = None) -> str:
+        """Release whatever is held back."""
+        if raw is None:
+            raw = self._sp.decode(self._pending)
+        self._pending = []
+        return unescape(raw)
+
+
+def _chunks(text: str, size: int) -> Iterator[str]:
+    """Pieces of ``text`` of about ``size`` characters, each cut just after a newline if any."""
+    start = 0
+    while start < len(text):
+        end = start + size
+        if end < len(text):
+            cut = text.rfind(NEWLINE, start, end)
+            end = cut + 1 if cut >= start else end
+        yield text[start:end]
+        start = end
+
+
+def _training_lines(text: str) -> Iterator[str]:
+    """Lines for SentencePiece's trainer (newlines removed: the newline is a user symbol),
+    long lines cut to a length it accepts, at most ``_TRAIN_MAX_LINES`` evenly spread lines."""
+    lines = [
+        line[i : i + _TRAIN_LINE_CHARS]
+        for line in text.split(NEWLINE)
+        for i in range(0, max(len(line), 1), _TRAIN_LINE_CHARS)
+    ]
+    stride = max(1, len(lines) // _TRAIN_MAX_LINES)
+    return iter(lines[::stride])
+
+
+def train_tokenizer(text: str, config: TokenizerConfig) -> Tokenizer:
+    """Train a SentencePiece model of ``config.kind`` on ``text``.
+
+    For ``char`` the vocabulary is every character of ``text`` (character coverage 1.0) plus 256
+    byte pieces, whatever ``config.vocab_size`` says. For ``bpe`` and ``unigram`` the vocabulary
+    is exactly ``config.vocab_size`` pieces, which must leave room for the byte pieces and every
+    character, and not exceed what the text supports.
+
+    Raises:
+        TokenizerError: if SentencePiece refuses (for example a vocabulary the text cannot fill).
+    """
+    is_char = config.kind is TokenizerKind.char
+    buffer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_lines(escape(text)),
+            model_writer=buffer,
+            model_type=config.kind.value,
+            vocab_size=1_000_000 if is_char else config.vocab_size,
+            hard_vocab_limit=not is_char,
+            character_coverage=1.0,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=False,
+            user_defined_symbols=[NEWLINE],
+            unk_id=0,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            max_sentence_length=4 * _TRAIN_LINE_CHARS + 16,
+            num_threads=2,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        # "INTERNAL: src/trainer_interface.cc(744) [check] Vocabulary size too high ..."
+        message = str(exc).strip().split("] ", 1)[-1] or repr(exc)
+        raise TokenizerError(
+            f"cannot build a {config.kind.value} vocabulary of {config.vocab_size} pieces "
+            f"(byte fallback takes {_BYTE_PIECES} of them): {message}"
+        ) from exc
+    return Tokenizer(buffer.getvalue())
