@@ -184,8 +184,7 @@ def latest_run(root: Path = DEFAULT_ROOT) -> Path:
 
 
 def _last_written(run_dir: Path) -> float:
-    stamps = [p.stat().st_mtime for p in (run_dir / LATEST / STATE_FILE, run_dir / RUN_FILE)
-              if p.exists()]
+    stamps = [p.stat().st_mtime for p in (run_dir / LATEST / STATE_FILE, run_dir / RUN_FILE) if p.exists()]
     return max(stamps)
 
 

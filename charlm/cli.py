@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 
 from charlm.config import (
+    DEFAULT_CLIP,
+    DEFAULT_LR,
     Cell,
     ModelConfig,
     OptimizerKind,
@@ -39,12 +41,20 @@ app = typer.Typer(
 )
 stderr = Console(stderr=True)
 T = TypeVar("T")
+# Option defaults come from the config dataclasses, so the CLI, the library and the benchmarks agree.
+TOK, MODEL, TRAIN, SAMPLE = TokenizerConfig(), ModelConfig(), TrainConfig(), SampleConfig()
+
+
+def _per_optimizer(defaults: dict[OptimizerKind, float]) -> str:
+    return ", ".join(f"{kind.value} {value:g}" for kind, value in defaults.items())
+
 
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
 RunArg = Annotated[
     Path | None,
-    typer.Argument(help="Run directory; default: the most recent run under checkpoints/.",
-                   show_default=False),
+    typer.Argument(
+        help="Run directory; default: the most recent run under checkpoints/.", show_default=False
+    ),
 ]
 Tag = Annotated[str, typer.Option(help="Which checkpoint of the run: best or latest.")]
 
@@ -74,30 +84,60 @@ def _guard(ctx: typer.Context, action: Callable[[], T]) -> T:
 @app.command()
 def train(
     ctx: typer.Context,
-    corpus: Annotated[list[Path], typer.Argument(help="One or more UTF-8 text files.",
-                                                 show_default=False)],
-    out: Annotated[Path | None, typer.Option(help="Run directory [default: checkpoints/<corpus name>, "
-                                             "numbered if taken].", show_default=False)] = None,
-    tokenizer: Annotated[TokenizerKind, typer.Option(help="SentencePiece model type.")] = TokenizerKind.char,
-    vocab_size: Annotated[int, typer.Option(help="Vocabulary size for bpe/unigram (char: all characters).")] = 2000,
-    cell: Annotated[Cell, typer.Option(help="Recurrent cell.")] = Cell.lstm,
-    layers: Annotated[int, typer.Option(help="Stacked recurrent layers.")] = 2,
-    hidden: Annotated[int, typer.Option(help="Hidden units per layer.")] = 512,
-    embed: Annotated[int, typer.Option(help="Embedding size.")] = 512,
-    dropout: Annotated[float, typer.Option(help="Dropout on embeddings, between layers and before the decoder.")] = 0.1,
-    tie_weights: Annotated[bool, typer.Option(help="Share embedding and decoder weights (needs --embed = --hidden).")] = False,
-    batch_size: Annotated[int, typer.Option(help="Parallel token streams per step.")] = 64,
-    bptt: Annotated[int, typer.Option(help="Tokens per truncated-BPTT window.")] = 128,
-    optimizer: Annotated[OptimizerKind, typer.Option(help="sgd (clipped, annealed) or adam.")] = OptimizerKind.sgd,
-    lr: Annotated[float | None, typer.Option(help="Learning rate [default: sgd 1.0, adam 0.002].", show_default=False)] = None,
-    clip: Annotated[float, typer.Option(help="Clip the global gradient norm to this.")] = 1.0,
-    epochs: Annotated[int, typer.Option(help="Stop after this many passes over the corpus.")] = 10,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.", show_default=False)] = None,
-    max_time: Annotated[str | None, typer.Option(help="Stop after this long: seconds or 90s, 10m, 1h.", show_default=False)] = None,
-    val_fraction: Annotated[float, typer.Option(help="Held-out tail of the corpus for validation.")] = 0.05,
-    eval_every: Annotated[int, typer.Option(help="Validate (and checkpoint) every this many steps.")] = 100,
-    seed: Annotated[int, typer.Option(help="Random seed; the same seed repeats a run on the same machine.")] = 1234,
-    device: Device = "auto",
+    corpus: Annotated[list[Path], typer.Argument(help="One or more UTF-8 text files.", show_default=False)],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run directory (default: checkpoints/CORPUS-NAME, numbered if taken).", show_default=False
+        ),
+    ] = None,
+    tokenizer: Annotated[TokenizerKind, typer.Option(help="SentencePiece model type.")] = TOK.kind,
+    vocab_size: Annotated[
+        int, typer.Option(help="Vocabulary size for bpe/unigram (char: all characters).")
+    ] = TOK.vocab_size,
+    cell: Annotated[Cell, typer.Option(help="Recurrent cell.")] = MODEL.cell,
+    layers: Annotated[int, typer.Option(help="Stacked recurrent layers.")] = MODEL.layers,
+    hidden: Annotated[int, typer.Option(help="Hidden units per layer.")] = MODEL.hidden,
+    embed: Annotated[int, typer.Option(help="Embedding size.")] = MODEL.embed,
+    dropout: Annotated[
+        float, typer.Option(help="Dropout on embeddings, between layers and before the decoder.")
+    ] = MODEL.dropout,
+    tie_weights: Annotated[
+        bool, typer.Option(help="Share embedding and decoder weights (needs --embed = --hidden).")
+    ] = MODEL.tie_weights,
+    batch_size: Annotated[int, typer.Option(help="Parallel token streams per step.")] = TRAIN.batch_size,
+    bptt: Annotated[int, typer.Option(help="Tokens per truncated-BPTT window.")] = TRAIN.bptt,
+    optimizer: Annotated[
+        OptimizerKind, typer.Option(help="adam or sgd (both clipped and annealed on plateau).")
+    ] = TRAIN.optimizer,
+    lr: Annotated[
+        float | None,
+        typer.Option(help=f"Learning rate (default: {_per_optimizer(DEFAULT_LR)}).", show_default=False),
+    ] = None,
+    clip: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Clip the global gradient norm (default: {_per_optimizer(DEFAULT_CLIP)}).",
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Stop after this many passes over the corpus.")] = TRAIN.epochs,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many steps.", show_default=False)
+    ] = None,
+    max_time: Annotated[
+        str | None, typer.Option(help="Stop after this long: seconds or 90s, 10m, 1h.", show_default=False)
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="Held-out tail of the corpus for validation.")
+    ] = TRAIN.val_fraction,
+    eval_every: Annotated[
+        int, typer.Option(help="Validate (and checkpoint) every this many steps.")
+    ] = TRAIN.eval_every,
+    seed: Annotated[
+        int, typer.Option(help="Random seed; the same seed repeats a run on the same machine.")
+    ] = TRAIN.seed,
+    device: Device = TRAIN.device,
     encoding: Annotated[str, typer.Option(help="Text encoding of the corpus.")] = "utf-8",
 ) -> None:
     """Train a language model on CORPUS; writes a run directory under checkpoints/."""
@@ -109,13 +149,23 @@ def train(
 
         config = RunConfig(
             tokenizer=TokenizerConfig(tokenizer, vocab_size),
-            model=ModelConfig(cell=cell, layers=layers, hidden=hidden, embed=embed,
-                              dropout=dropout, tie_weights=tie_weights),
-            train=TrainConfig(batch_size=batch_size, bptt=bptt, optimizer=optimizer, lr=lr,
-                              clip=clip, epochs=epochs, max_steps=max_steps,
-                              max_time=parse_duration(max_time) if max_time else None,
-                              val_fraction=val_fraction, eval_every=eval_every, seed=seed,
-                              device=device),
+            model=ModelConfig(
+                cell=cell, layers=layers, hidden=hidden, embed=embed, dropout=dropout, tie_weights=tie_weights
+            ),
+            train=TrainConfig(
+                batch_size=batch_size,
+                bptt=bptt,
+                optimizer=optimizer,
+                lr=lr,
+                clip=clip,
+                epochs=epochs,
+                max_steps=max_steps,
+                max_time=parse_duration(max_time) if max_time else None,
+                val_fraction=val_fraction,
+                eval_every=eval_every,
+                seed=seed,
+                device=device,
+            ),
         )
         from charlm.device import resolve_device
 
@@ -125,9 +175,17 @@ def train(
             run, train_ids, val_ids = prepare_run(corpus, config, run_dir, encoding, progress)
             progress.chars_per_token = len(run.heldout_text()) / max(val_ids.numel(), 1)
             result = fit(run, train_ids, val_ids, progress)
-        best = f"best val bpc {result.best.bpc:.4f} (ppl {result.best.perplexity:.3f})" if result.best else "no validation yet"
-        stderr.print(f"{result.stop_reason}: {result.steps} steps, {result.tokens:,} tokens in "
-                     f"{result.elapsed:.0f}s; {best}; run saved in {result.run_dir}", highlight=False)
+        best = (
+            f"best val bpc {result.best.bpc:.4f} (ppl {result.best.perplexity:.3f})"
+            if result.best
+            else "no validation yet"
+        )
+        stderr.print(
+            f"{result.stop_reason}: {result.steps} steps, {result.tokens:,} tokens in "
+            f"{result.elapsed:.0f}s; {best}; run saved in {result.run_dir}",
+            highlight=False,
+            soft_wrap=True,
+        )
         return EXIT_INTERRUPTED if result.stop_reason == "interrupted" else 0
 
     code = _guard(ctx, action)
@@ -151,13 +209,19 @@ def _open(run_path: Path | None, tag: str, device: str) -> tuple[Any, Any]:
 def sample(
     ctx: typer.Context,
     run: RunArg = None,
-    temp: Annotated[float, typer.Option(help="Temperature; 0 picks the most likely token.")] = 0.8,
-    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0: all).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Sample from the smallest set with this probability (1: all).")] = 1.0,
-    prime: Annotated[str, typer.Option(help="Text to start from; printed first.")] = "",
-    length: Annotated[int, typer.Option(help="Tokens to generate per sample.")] = 500,
-    num_samples: Annotated[int, typer.Option(help="How many samples.")] = 1,
-    seed: Annotated[int | None, typer.Option(help="Random seed; the same seed gives the same text.", show_default=False)] = None,
+    temp: Annotated[
+        float, typer.Option(help="Temperature; 0 picks the most likely token.")
+    ] = SAMPLE.temperature,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0: all).")] = SAMPLE.top_k,
+    top_p: Annotated[
+        float, typer.Option(help="Sample from the smallest set with this probability (1: all).")
+    ] = SAMPLE.top_p,
+    prime: Annotated[str, typer.Option(help="Text to start from; printed first.")] = SAMPLE.prime,
+    length: Annotated[int, typer.Option(help="Tokens to generate per sample.")] = SAMPLE.length,
+    num_samples: Annotated[int, typer.Option(help="How many samples.")] = SAMPLE.num_samples,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed; the same seed gives the same text.", show_default=False)
+    ] = None,
     checkpoint: Tag = "best",
     device: Device = "auto",
 ) -> None:
@@ -166,8 +230,15 @@ def sample(
     def action() -> None:
         from charlm.generate import generate, make_generator
 
-        config = SampleConfig(length=length, temperature=temp, top_k=top_k, top_p=top_p,
-                              prime=prime, num_samples=num_samples, seed=seed)
+        config = SampleConfig(
+            length=length,
+            temperature=temp,
+            top_k=top_k,
+            top_p=top_p,
+            prime=prime,
+            num_samples=num_samples,
+            seed=seed,
+        )
         loaded, model = _open(run, checkpoint, device)
         generator = make_generator(config.seed)
         for i in range(config.num_samples):
@@ -190,9 +261,17 @@ def sample(
 def eval_(
     ctx: typer.Context,
     run: RunArg = None,
-    data: Annotated[Path | None, typer.Option(help="Score this text instead of the run's held-out split.", show_default=False)] = None,
-    perplexity: Annotated[bool, typer.Option("--perplexity", help="Report perplexity and bits per character (the default report).")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Score this text instead of the run's held-out split.", show_default=False),
+    ] = None,
+    perplexity: Annotated[
+        bool,
+        typer.Option("--perplexity", help="Report perplexity and bits per character (the default report)."),
+    ] = True,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")
+    ] = False,
     checkpoint: Tag = "best",
     encoding: Annotated[str, typer.Option(help="Text encoding of --data.")] = "utf-8",
     device: Device = "auto",

@@ -39,11 +39,11 @@ def read_corpus(paths: Sequence[Path], encoding: str = "utf-8") -> str:
     if not paths:
         raise CorpusError("no corpus file given")
     texts = [_read_one(Path(p), encoding) for p in paths]
-    text = "".join(t if t.endswith("\n") or i == len(texts) - 1 else t + "\n"
-                   for i, t in enumerate(texts))
+    text = "".join(t if t.endswith("\n") or i == len(texts) - 1 else t + "\n" for i, t in enumerate(texts))
     if not text.strip():
-        raise CorpusError(f"corpus is {'empty' if not text else 'whitespace only'}: "
-                          + ", ".join(str(p) for p in paths))
+        raise CorpusError(
+            f"corpus is {'empty' if not text else 'whitespace only'}: " + ", ".join(str(p) for p in paths)
+        )
     return text
 
 
@@ -132,5 +132,14 @@ def eval_streams(ids: torch.Tensor, start_id: int, streams: int) -> EvalStreams:
     inputs[1:n] = ids[: n - 1]
     targets[:n] = ids
     # (B, T) -> (T, B): stream b holds tokens b*length .. (b+1)*length-1
-    return EvalStreams(inputs.view(streams, length).t().contiguous(),
-                       targets.view(streams, length).t().contiguous(), n)
+    return EvalStreams(
+        inputs.view(streams, length).t().contiguous(), targets.view(streams, length).t().contiguous(), n
+    )
+
+
+if __name__ == "__main__":  # `python -m charlm.data FILE` writes the built-in corpus (make demo)
+    import sys
+
+    target = Path(sys.argv[1])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(builtin_corpus(), encoding="utf-8")

@@ -53,8 +53,14 @@ def score(total_nats: float, tokens: int, characters: int) -> EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: RNNLM, ids: torch.Tensor, characters: int, start_id: int,
-             streams: int = EVAL_STREAMS, window: int = EVAL_WINDOW) -> EvalResult:
+def evaluate(
+    model: RNNLM,
+    ids: torch.Tensor,
+    characters: int,
+    start_id: int,
+    streams: int = EVAL_STREAMS,
+    window: int = EVAL_WINDOW,
+) -> EvalResult:
     """Score ``ids`` (N,), the encoding of a text of ``characters`` characters.
 
     The text is cut into ``streams`` contiguous pieces evaluated in parallel, the hidden state
@@ -71,7 +77,8 @@ def evaluate(model: RNNLM, ids: torch.Tensor, characters: int, start_id: int,
         x = layout.inputs[i : i + window].to(device)  # (w, B)
         y = layout.targets[i : i + window].to(device)  # (w, B)
         logits, hidden = model(x, hidden)  # (w, B, V)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
-                                 ignore_index=-100, reduction="sum").double()
+        total += F.cross_entropy(
+            logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum"
+        ).double()
     model.train(was_training)
     return score(total.item(), layout.tokens, characters)

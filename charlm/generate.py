@@ -37,8 +37,9 @@ def pick(logits: torch.Tensor, config: SampleConfig, generator: torch.Generator)
 
 
 @torch.no_grad()
-def generate(model: RNNLM, tokenizer: Tokenizer, config: SampleConfig,
-             generator: torch.Generator) -> Iterator[str]:
+def generate(
+    model: RNNLM, tokenizer: Tokenizer, config: SampleConfig, generator: torch.Generator
+) -> Iterator[str]:
     """Yield the continuation of ``config.prime`` piece by piece (the prime itself not included).
 
     The model first reads a newline (the start-of-text context it was scored with) and the prime,

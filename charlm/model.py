@@ -23,7 +23,9 @@ class RNNLM(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         # nn.LSTM applies dropout between layers only, so one layer takes none there.
         self.rnn = _CELLS[config.cell](
-            config.embed, config.hidden, config.layers,
+            config.embed,
+            config.hidden,
+            config.layers,
             dropout=config.dropout if config.layers > 1 else 0.0,
         )
         self.decoder = nn.Linear(config.hidden, config.vocab_size)

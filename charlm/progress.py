@@ -52,19 +52,21 @@ class TrainProgress:
         self._progress.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._progress.stop()
 
     def on_status(self, message: str) -> None:
         """A phase of the run (tokenizer, encoding, model size)."""
-        self._progress.console.print(f"[dim]{message}[/]")
+        self._progress.console.print(f"[dim]{message}[/]", soft_wrap=True, highlight=False)
 
     def on_step(self, report: Any) -> None:
         """Update the bar from a :class:`charlm.train.StepReport`."""
         self._progress.start_task(self._task)
-        self._progress.update(self._task, completed=report.fraction,
-                              epoch=f"{report.epoch}/{report.epochs}", step=report.step)
+        self._progress.update(
+            self._task, completed=report.fraction, epoch=f"{report.epoch}/{report.epochs}", step=report.step
+        )
         self._progress.figures = Text(
             f"loss {report.loss:.3f}  ppl {math.exp(min(report.loss, 700)):.2f}  "
             f"bpc {report.loss / LN2 / self.chars_per_token:.3f}  lr {report.lr:.3g}  "
@@ -75,9 +77,10 @@ class TrainProgress:
     def on_eval(self, record: dict[str, Any]) -> None:
         """One line per validation, kept above the bar."""
         self._progress.console.print(
-            f"step {record['step']:>6}  tokens {record['tokens']:>11,}  "
-            f"val loss {record['val_loss']:.4f}  ppl {record['val_ppl']:.3f}  "
-            f"bpc {record['val_bpc']:.4f}  lr {record['lr']:.3g}"
+            f"step {record['step']:>6,}  {record['tokens']:>11,} tok  val loss {record['val_loss']:.4f}"
+            f"  ppl {record['val_ppl']:.3f}  bpc {record['val_bpc']:.4f}  lr {record['lr']:.3g}",
+            soft_wrap=True,
+            highlight=False,
         )
 
 

@@ -23,8 +23,8 @@ from charlm.data import batchify, read_corpus, split_text, windows
 from charlm.device import resolve_device
 from charlm.errors import CorpusError
 from charlm.evaluate import EvalResult, evaluate
-from charlm.model import Hidden, RNNLM, count_parameters, detach_hidden
-from charlm.tokenizer import Tokenizer, train_tokenizer
+from charlm.model import RNNLM, Hidden, count_parameters, detach_hidden
+from charlm.tokenizer import train_tokenizer
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,13 @@ class TrainResult:
     parameters: int
 
 
-def prepare_run(paths: Sequence[Path], config: RunConfig, out: Path, encoding: str = "utf-8",
-                callbacks: Callbacks | None = None) -> tuple[Run, torch.Tensor, torch.Tensor]:
+def prepare_run(
+    paths: Sequence[Path],
+    config: RunConfig,
+    out: Path,
+    encoding: str = "utf-8",
+    callbacks: Callbacks | None = None,
+) -> tuple[Run, torch.Tensor, torch.Tensor]:
     """Read the corpus, split it, train the tokenizer on the training part, encode both parts
     and create the run directory.
 
@@ -93,8 +98,10 @@ def prepare_run(paths: Sequence[Path], config: RunConfig, out: Path, encoding: s
     text = read_corpus(paths, encoding)
     train_text, val_text = split_text(text, config.train.val_fraction)
     if not val_text or not train_text:
-        raise CorpusError(f"corpus of {len(text)} characters is too small to split off "
-                          f"--val-fraction {config.train.val_fraction}")
+        raise CorpusError(
+            f"corpus of {len(text)} characters is too small to split off "
+            f"--val-fraction {config.train.val_fraction}"
+        )
     cb.on_status(f"training {config.tokenizer.kind.value} tokenizer on {len(train_text):,} characters")
     tokenizer = train_tokenizer(train_text, config.tokenizer)
     cb.on_status("encoding corpus")
@@ -108,7 +115,8 @@ def prepare_run(paths: Sequence[Path], config: RunConfig, out: Path, encoding: s
             f"{tc.batch_size} streams of at least 2 tokens; use a larger corpus or smaller batch"
         )
     config = dataclasses.replace(
-        config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size),
+        config,
+        model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size),
         corpus=tuple(str(p) for p in paths),
     )
     run = checkpoint.create_run(out, config, tokenizer, val_text)
@@ -122,8 +130,14 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.SGD(model.parameters(), lr=config.effective_lr)
 
 
-def train_step(model: RNNLM, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               hidden: Hidden, clip: float) -> tuple[torch.Tensor, torch.Tensor, Hidden]:
+def train_step(
+    model: RNNLM,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hidden: Hidden,
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor, Hidden]:
     """One teacher-forced TBPTT update on a window.
 
     Args:
@@ -171,84 +185,137 @@ class _Clock:
         return self.config.max_time is not None and self.elapsed() >= self.config.max_time
 
 
-def fit(run: Run, train_ids: torch.Tensor, val_ids: torch.Tensor,
-        callbacks: Callbacks | None = None) -> TrainResult:
-    """Train the run's model on ``train_ids`` (N,), validating on ``val_ids``.
+@dataclass
+class TrainingProgress:
+    """Where a run stands: what a checkpoint's ``state.json`` records."""
+
+    step: int = 0
+    epoch: int = 1  # 1-based, the epoch in progress
+    tokens: int = 0
+    best_loss: float = math.inf
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data for ``state.json``."""
+        return dataclasses.asdict(self)
+
+
+class Trainer:
+    """One run's model, optimizer, schedule and data, and the loop that trains them.
 
     Validation runs every ``eval_every`` steps and at the end; an improvement saves ``best``, every
     validation saves ``latest``, and a plateau multiplies the learning rate by ``anneal``.
-    Ctrl-C (KeyboardInterrupt) stops after saving ``latest``; the result says "interrupted".
     """
-    cb = callbacks or SilentCallbacks()
-    tc = run.config.train
-    device = resolve_device(tc.device)
-    torch.manual_seed(tc.seed)
-    model = RNNLM(run.config.model).to(device)
-    optimizer = build_optimizer(model, tc)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=tc.anneal, patience=0)
-    streams = batchify(train_ids, tc.batch_size).to(device)  # (T, B)
-    steps_per_epoch = math.ceil((streams.size(0) - 1) / tc.bptt)
-    val_chars = len(run.heldout_text())
-    clock = _Clock(tc, steps_per_epoch)
-    step = tokens = 0
-    epoch = 1
-    best: EvalResult | None = None
-    window_loss = torch.zeros((), device=device)
-    window_steps = 0
-    last_grad = torch.zeros((), device=device)
-    stop_reason = "epochs"
-    cb.on_status(f"training {count_parameters(model):,} parameters on {device.type}: "
-                 f"{train_ids.numel():,} tokens, {steps_per_epoch} steps per epoch")
 
-    def validate() -> None:
-        nonlocal best, window_loss, window_steps
-        result = evaluate(model, val_ids, val_chars, run.tokenizer.newline_id)
-        lr = optimizer.param_groups[0]["lr"]
+    def __init__(
+        self, run: Run, train_ids: torch.Tensor, val_ids: torch.Tensor, callbacks: Callbacks
+    ) -> None:
+        self.run, self.val_ids, self.cb = run, val_ids, callbacks
+        self.config = tc = run.config.train
+        self.device = resolve_device(tc.device)
+        torch.manual_seed(tc.seed)
+        self.model = RNNLM(run.config.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, tc)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=tc.anneal, patience=0
+        )
+        self.streams = batchify(train_ids, tc.batch_size).to(self.device)  # (T, B)
+        self.steps_per_epoch = math.ceil((self.streams.size(0) - 1) / tc.bptt)
+        self.val_chars = len(run.heldout_text())
+        self.progress = TrainingProgress()
+        self.best: EvalResult | None = None
+        self.clock = _Clock(tc, self.steps_per_epoch)
+        self._loss_sum = torch.zeros((), device=self.device)  # since the last validation
+        self._loss_steps = 0
+        self._grad_norm = torch.zeros((), device=self.device)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def fit(self) -> TrainResult:
+        """Train until a stop condition; Ctrl-C saves ``latest`` and ends with "interrupted"."""
+        p, tc = self.progress, self.config
+        self.cb.on_status(
+            f"training {count_parameters(self.model):,} parameters on {self.device.type}: "
+            f"{self.streams.numel():,} tokens, {self.steps_per_epoch} steps per epoch"
+        )
+        stop = None
+        try:
+            while stop is None:
+                stop = self._epoch() or ("epochs" if p.epoch >= tc.epochs else None)
+                p.epoch += stop is None
+            if p.step % tc.eval_every != 0 or p.step == 0:
+                self._validate()
+        except KeyboardInterrupt:
+            stop = "interrupted"
+            state = {**p.state_dict(), "interrupted": True}
+            checkpoint.save_checkpoint(self.run, checkpoint.LATEST, self.model, state)
+        return TrainResult(
+            self.run.path,
+            p.step,
+            p.tokens,
+            self.clock.elapsed(),
+            stop,
+            self.best,
+            count_parameters(self.model),
+        )
+
+    def _epoch(self) -> str | None:
+        """One pass over the streams, the hidden state carried between windows; returns a stop
+        reason if a step or time limit ended it early."""
+        p, tc = self.progress, self.config
+        hidden = self.model.init_hidden(tc.batch_size)
+        for x, y in windows(self.streams, tc.bptt):
+            loss, self._grad_norm, hidden = train_step(
+                self.model, self.optimizer, x, y, hidden, tc.effective_clip
+            )
+            hidden = detach_hidden(hidden)
+            p.step, p.tokens = p.step + 1, p.tokens + x.numel()
+            self._loss_sum, self._loss_steps = self._loss_sum + loss, self._loss_steps + 1
+            if p.step % 10 == 0 or p.step == 1:
+                self._report(loss)
+            if p.step % tc.eval_every == 0:
+                self._validate()
+            if tc.max_steps is not None and p.step >= tc.max_steps:
+                return "max_steps"
+            if self.clock.out_of_time():
+                return "max_time"
+        return None
+
+    def _report(self, loss: torch.Tensor) -> None:
+        p, clock = self.progress, self.clock
+        self.cb.on_step(
+            StepReport(
+                step=p.step, epoch=p.epoch, epochs=self.config.epochs, tokens=p.tokens, loss=loss.item(),
+                lr=self.lr, grad_norm=self._grad_norm.item(), tokens_per_sec=clock.rate(p.tokens),
+                elapsed=clock.elapsed(), fraction=clock.fraction(p.step),
+            )
+        )  # fmt: skip
+
+    def _validate(self) -> None:
+        """Score the held-out split, log it, checkpoint, and let the schedule react."""
+        p = self.progress
+        result = evaluate(self.model, self.val_ids, self.val_chars, self.run.tokenizer.newline_id)
         record = {
-            "step": step, "epoch": epoch, "tokens": tokens,
-            "train_loss": (window_loss / max(window_steps, 1)).item(),
+            "step": p.step, "epoch": p.epoch, "tokens": p.tokens,
+            "train_loss": (self._loss_sum / max(self._loss_steps, 1)).item(),
             "val_loss": result.loss, "val_ppl": result.perplexity, "val_bpc": result.bpc,
-            "lr": lr, "grad_norm": last_grad.item(),
-            "tokens_per_sec": tokens / max(clock.elapsed(), 1e-9), "elapsed": clock.elapsed(),
-        }
-        window_loss, window_steps = torch.zeros((), device=device), 0
-        checkpoint.append_metrics(run, record)
-        state = {k: record[k] for k in ("step", "epoch", "tokens", "val_loss", "val_bpc", "lr")}
-        if best is None or result.loss < best.loss:
-            best = result
-            checkpoint.save_checkpoint(run, checkpoint.BEST, model, state)
-        checkpoint.save_checkpoint(run, checkpoint.LATEST, model, state)
-        scheduler.step(result.loss)
-        cb.on_eval(record)
+            "lr": self.lr, "grad_norm": self._grad_norm.item(),
+            "tokens_per_sec": p.tokens / max(self.clock.elapsed(), 1e-9), "elapsed": self.clock.elapsed(),
+        }  # fmt: skip
+        self._loss_sum, self._loss_steps = torch.zeros((), device=self.device), 0
+        checkpoint.append_metrics(self.run, record)
+        state = {**p.state_dict(), "val_loss": result.loss, "val_bpc": result.bpc, "lr": self.lr}
+        if result.loss < p.best_loss:
+            p.best_loss, self.best = result.loss, result
+            checkpoint.save_checkpoint(self.run, checkpoint.BEST, self.model, state)
+        checkpoint.save_checkpoint(self.run, checkpoint.LATEST, self.model, state)
+        self.scheduler.step(result.loss)
+        self.cb.on_eval(record)
 
-    try:
-        while stop_reason == "epochs" and epoch <= tc.epochs:
-            hidden = model.init_hidden(tc.batch_size)
-            for x, y in windows(streams, tc.bptt):
-                loss, last_grad, hidden = train_step(model, optimizer, x, y, hidden, tc.clip)
-                hidden = detach_hidden(hidden)
-                step, tokens = step + 1, tokens + x.numel()
-                window_loss, window_steps = window_loss + loss, window_steps + 1
-                if step % 10 == 0 or step == 1:
-                    cb.on_step(StepReport(step, epoch, tc.epochs, tokens, loss.item(),
-                                          optimizer.param_groups[0]["lr"], last_grad.item(),
-                                          clock.rate(tokens), clock.elapsed(), clock.fraction(step)))
-                if step % tc.eval_every == 0:
-                    validate()
-                if tc.max_steps is not None and step >= tc.max_steps:
-                    stop_reason = "max_steps"
-                elif clock.out_of_time():
-                    stop_reason = "max_time"
-                if stop_reason != "epochs":
-                    break
-            else:
-                epoch += 1
-        epoch = min(epoch, tc.epochs)
-        if step % tc.eval_every != 0 or step == 0:
-            validate()
-    except KeyboardInterrupt:
-        stop_reason = "interrupted"
-        state = {"step": step, "epoch": epoch, "tokens": tokens, "interrupted": True}
-        checkpoint.save_checkpoint(run, checkpoint.LATEST, model, state)
-    return TrainResult(run.path, step, tokens, clock.elapsed(), stop_reason, best,
-                       count_parameters(model))
+
+def fit(
+    run: Run, train_ids: torch.Tensor, val_ids: torch.Tensor, callbacks: Callbacks | None = None
+) -> TrainResult:
+    """Train the run's model on ``train_ids`` (N,), validating on ``val_ids`` (see :class:`Trainer`)."""
+    return Trainer(run, train_ids, val_ids, callbacks or SilentCallbacks()).fit()

@@ -1,0 +1,182 @@
+"""Everything a user can do, through the command line, on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_MODEL, invoke, metrics
+
+
+def test_train_writes_a_self_contained_run(in_tmp: Path, corpus: Path) -> None:
+    result = invoke("train", corpus, "--max-steps", "20", "--eval-every", "10", *TINY_MODEL)
+    assert result.exit_code == 0, result.output
+    run = in_tmp / "checkpoints" / "tiny"  # named after the corpus
+    for part in (
+        "run.json",
+        "tokenizer.model",
+        "heldout.txt",
+        "metrics.jsonl",
+        "best/model.safetensors",
+        "latest/model.safetensors",
+        "latest/state.json",
+    ):
+        assert (run / part).is_file(), part
+    records = metrics(run)
+    assert [r["step"] for r in records] == [10, 20]
+    for key in (
+        "step",
+        "tokens",
+        "train_loss",
+        "val_loss",
+        "val_ppl",
+        "val_bpc",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+    ):
+        assert key in records[0]
+    assert "max_steps: 20 steps" in result.stderr
+    assert result.stdout == ""  # progress and reports go to stderr
+
+
+def test_a_second_run_gets_a_new_directory(in_tmp: Path, corpus: Path) -> None:
+    for _ in range(2):
+        assert invoke("train", corpus, "--max-steps", "2", *TINY_MODEL).exit_code == 0
+    assert sorted(p.name for p in (in_tmp / "checkpoints").iterdir()) == ["tiny", "tiny-2"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--cell", "gru", "--tokenizer", "bpe", "--vocab-size", "400"],
+        ["--cell", "rnn", "--tokenizer", "unigram", "--vocab-size", "400", "--layers", "1"],
+        ["--tie-weights", "--embed", "32", "--optimizer", "sgd", "--dropout", "0"],
+    ],
+)
+def test_train_every_cell_and_tokenizer(in_tmp: Path, corpus: Path, options: list[str]) -> None:
+    result = invoke("train", corpus, "--out", "run", "--max-steps", "3", *TINY_MODEL, *options)
+    assert result.exit_code == 0, result.output
+    assert invoke("sample", "run", "--length", "20", "--seed", "1").exit_code == 0
+
+
+def test_several_corpus_files(in_tmp: Path, corpus: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text("more text\n" * 200)
+    result = invoke("train", corpus, other, "--out", "run", "--max-steps", "2", *TINY_MODEL)
+    assert result.exit_code == 0, result.output
+    assert json.loads((in_tmp / "run" / "run.json").read_text())["config"]["corpus"] == [
+        str(corpus),
+        str(other),
+    ]
+
+
+def test_max_time_accepts_durations(in_tmp: Path, corpus: Path) -> None:
+    result = invoke("train", corpus, "--out", "run", "--max-time", "1s", "--epochs", "999", *TINY_MODEL)
+    assert result.exit_code == 0, result.output
+    assert "max_time" in result.stderr
+
+
+def test_sample_with_a_seed_is_reproducible_and_only_text_on_stdout(trained_run: Path) -> None:
+    args = ["sample", trained_run, "--temp", "0.8", "--length", "60", "--seed", "3"]
+    a, b = invoke(*args), invoke(*args)
+    assert a.exit_code == 0, a.output
+    assert a.stdout == b.stdout and len(a.stdout) >= 20
+    assert invoke(*args[:-1], "4").stdout != a.stdout
+
+
+def test_sample_defaults_to_the_most_recent_run(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(trained_run.parent.parent)
+    result = invoke("sample", "--temp", "0.8", "--length", "10", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == invoke("sample", trained_run, "--length", "10", "--seed", "1").stdout
+
+
+def test_sample_greedy_prime_filters_and_several_samples(trained_run: Path) -> None:
+    greedy = [invoke("sample", trained_run, "--temp", "0", "--length", "30").stdout for _ in range(2)]
+    assert greedy[0] == greedy[1]  # no seed needed: temperature 0 is deterministic
+    primed = invoke(
+        "sample",
+        trained_run,
+        "--prime",
+        "The ☃ ",
+        "--length",
+        "30",
+        "--seed",
+        "1",
+        "--top-k",
+        "5",
+        "--top-p",
+        "0.9",
+    )
+    assert primed.exit_code == 0 and primed.stdout.startswith("The ☃ ")  # unseen characters work
+    many = invoke("sample", trained_run, "--num-samples", "3", "--length", "15", "--seed", "1")
+    assert many.exit_code == 0 and many.stderr.count("sample ") == 3
+
+
+def test_eval_reports_what_training_logged(trained_run: Path) -> None:
+    result = invoke("eval", trained_run, "--perplexity", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    best = min(metrics(trained_run), key=lambda r: r["val_loss"])
+    assert report["loss"] == pytest.approx(best["val_loss"], rel=1e-9)
+    assert report["bpc"] == pytest.approx(best["val_bpc"], rel=1e-9)
+    assert report["characters"] == len((trained_run / "heldout.txt").read_text(encoding="utf-8"))
+    for key in ("tokens", "characters", "loss", "perplexity", "bpc"):
+        assert key in report
+
+
+def test_eval_table_and_other_data(trained_run: Path, tmp_path: Path) -> None:
+    text = tmp_path / "other.txt"
+    text.write_text("Some held-out text, with ünïcödé.\n")
+    table = invoke("eval", trained_run, "--data", text)
+    assert table.exit_code == 0 and "bits per character" in table.stdout
+    report = json.loads(invoke("eval", trained_run, "--data", text, "--json").stdout)
+    assert report["characters"] == len(text.read_text())
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["train", "missing.txt"], 1, "not found"),
+        (["train", "CORPUS", "--dropout", "1.5"], 2, "--dropout"),
+        (["train", "CORPUS", "--hidden", "0"], 2, "--hidden"),
+        (["train", "CORPUS", "--val-fraction", "1"], 2, "--val-fraction"),
+        (["train", "CORPUS", "--max-time", "soon"], 2, "--max-time"),
+        (["train", "CORPUS", "--cell", "transformer"], 2, "transformer"),
+        (["train", "CORPUS", "--tokenizer", "bpe", "--vocab-size", "100000"], 1, "too high"),
+        (["train", "CORPUS", "--batch-size", "100000"], 1, "too small"),
+        (["sample", "--temp", "-1"], 2, "--temp"),
+        (["sample", "--top-p", "0"], 2, "--top-p"),
+        (["sample", "--top-k", "-1"], 2, "--top-k"),
+        (["sample", "--length", "-5"], 2, "--length"),
+        (["sample"], 1, "no run found"),
+        (["eval", "nowhere"], 1, "run not found"),
+    ],
+)
+def test_user_mistakes_get_one_line_and_an_exit_code(
+    in_tmp: Path, corpus: Path, args: list[str], code: int, message: str
+) -> None:
+    result = invoke(*[str(corpus) if a == "CORPUS" else a for a in args])
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_help_is_fast_because_it_does_not_import_torch() -> None:
+    probe = (
+        "import sys; from typer.testing import CliRunner; from charlm.cli import app; "
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+        "print('torch' in sys.modules, 'sentencepiece' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_python_dash_m_entry_point() -> None:
+    out = subprocess.run([sys.executable, "-m", "charlm", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "sample" in out.stdout

@@ -1,0 +1,84 @@
+"""Batch layout, BPTT windows, evaluation layout, corpus reading and splitting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from charlm.data import batchify, eval_streams, read_corpus, split_text, windows
+from charlm.errors import CorpusError
+
+
+def test_batchify_matches_the_documented_diagram() -> None:
+    streams = batchify(torch.arange(24), 4)  # a..x in the module docstring
+    assert streams.shape == (6, 4)
+    assert streams[:, 0].tolist() == [0, 1, 2, 3, 4, 5]  # a b c d e f
+    assert streams[0].tolist() == [0, 6, 12, 18]  # a g m s
+
+
+@given(n=st.integers(2, 300), batch=st.integers(1, 9), bptt=st.integers(1, 20))
+def test_windows_cover_each_stream_once_with_targets_one_step_ahead(n: int, batch: int, bptt: int) -> None:
+    ids = torch.arange(n)
+    streams = batchify(ids, batch)
+    if streams.size(0) < 2:
+        assert list(windows(streams, bptt)) == []
+        return
+    xs, ys = zip(*windows(streams, bptt), strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert torch.equal(x, streams[:-1])  # every position is an input exactly once, in order
+    assert torch.equal(y, x + 1)  # the target is the next token of the same stream
+    assert all(w.size(0) <= bptt for w in xs)
+
+
+@given(n=st.integers(1, 500), streams=st.integers(1, 40))
+def test_eval_layout_scores_every_token_exactly_once(n: int, streams: int) -> None:
+    ids = torch.arange(1, n + 1)
+    layout = eval_streams(ids, start_id=0, streams=streams)
+    targets = layout.targets.t().flatten()  # back to text order
+    assert targets[targets != -100].tolist() == ids.tolist()
+    inputs = layout.inputs.t().flatten()[:n]
+    assert inputs.tolist() == [0, *ids[:-1].tolist()]  # each token predicted from the one before
+
+
+def test_split_keeps_a_contiguous_tail_at_a_line_start() -> None:
+    text = "".join(f"line {i}\n" for i in range(1000))
+    train, val = split_text(text, 0.1)
+    assert train + val == text
+    assert val.startswith("line ") and abs(len(val) / len(text) - 0.1) < 0.01
+
+
+def test_read_corpus_joins_files_with_a_newline(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one")
+    (tmp_path / "b.txt").write_text("two\n")
+    assert read_corpus([tmp_path / "a.txt", tmp_path / "b.txt"]) == "one\ntwo\n"
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "empty"),
+        (b"  \n\t\n", "whitespace only"),
+        (b"ab\x00cd", "NUL byte at offset 2"),
+        (b"caf\xe9 au lait", "offset 3"),
+    ],
+)
+def test_bad_corpus_is_a_clear_error(tmp_path: Path, content: bytes, message: str) -> None:
+    (tmp_path / "c.txt").write_bytes(content)
+    with pytest.raises(CorpusError, match=message):
+        read_corpus([tmp_path / "c.txt"])
+
+
+def test_other_encodings_are_read_when_named(tmp_path: Path) -> None:
+    (tmp_path / "c.txt").write_bytes(b"caf\xe9")
+    assert read_corpus([tmp_path / "c.txt"], "latin-1") == "café"
+
+
+def test_missing_and_directory_corpus(tmp_path: Path) -> None:
+    with pytest.raises(CorpusError, match="not found"):
+        read_corpus([tmp_path / "nope.txt"])
+    with pytest.raises(CorpusError, match="directory"):
+        read_corpus([tmp_path])

@@ -1,0 +1,45 @@
+"""Sampling filters and seeds."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from charlm.config import SampleConfig
+from charlm.generate import filter_logits, make_generator, pick
+
+logit_lists = st.lists(st.floats(-10, 10), min_size=2, max_size=30)
+
+
+@given(logit_lists, st.integers(1, 30))
+def test_top_k_keeps_k_most_likely(values: list[float], k: int) -> None:
+    logits = torch.tensor(values)
+    kept = torch.isfinite(filter_logits(logits, k, 1.0))
+    assert kept.sum() >= min(k, len(values))  # ties may keep more
+    assert logits[kept].min() >= torch.topk(logits, min(k, len(values))).values[-1]
+
+
+@given(logit_lists, st.floats(0.01, 1.0))
+def test_top_p_keeps_the_smallest_set_reaching_p(values: list[float], p: float) -> None:
+    logits = torch.tensor(values)
+    kept = torch.isfinite(filter_logits(logits, 0, p))
+    probs = torch.softmax(logits, -1)
+    assert kept.any()
+    assert probs[kept].sum() >= p - 1e-5 or kept.all()
+    # every kept token is at least as likely as every dropped one
+    if (~kept).any():
+        assert probs[kept].min() >= probs[~kept].max() - 1e-7
+
+
+def test_temperature_zero_is_greedy() -> None:
+    logits = torch.tensor([0.1, 3.0, 2.9])
+    assert pick(logits, SampleConfig(temperature=0), make_generator(0)) == 1
+
+
+def test_same_seed_same_choices() -> None:
+    logits = torch.zeros(50)
+    config = SampleConfig(temperature=1.0)
+    a = [pick(logits, config, g) for g in [make_generator(7)] for _ in range(20)]
+    b = [pick(logits, config, g) for g in [make_generator(7)] for _ in range(20)]
+    assert a == b

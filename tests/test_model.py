@@ -1,0 +1,57 @@
+"""The model: initialisation, weight tying, and hidden state carried across BPTT windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from charlm.config import Cell, ModelConfig
+from charlm.errors import ConfigError
+from charlm.model import RNNLM, detach_hidden
+
+
+def tiny(cell: Cell = Cell.lstm, **kw: object) -> RNNLM:
+    torch.manual_seed(0)
+    return RNNLM(ModelConfig(vocab_size=11, cell=cell, layers=2, hidden=8, embed=8, dropout=0.0, **kw)).eval()
+
+
+def test_lstm_forget_gate_bias_starts_at_one() -> None:
+    model = tiny(Cell.lstm)
+    for layer in range(2):
+        total = getattr(model.rnn, f"bias_ih_l{layer}") + getattr(model.rnn, f"bias_hh_l{layer}")
+        assert torch.all(total[8:16] == 1.0)  # gate order i, f, g, o
+
+
+def test_tied_weights_share_one_tensor_and_need_equal_sizes() -> None:
+    model = tiny(tie_weights=True)
+    assert model.decoder.weight is model.embedding.weight
+    with pytest.raises(ConfigError, match="--tie-weights"):
+        ModelConfig(vocab_size=11, hidden=8, embed=4, tie_weights=True)
+
+
+@pytest.mark.parametrize("cell", list(Cell))
+@given(split=st.integers(1, 19))
+@settings(max_examples=20, deadline=None)
+def test_carried_hidden_state_continues_the_sequence(cell: Cell, split: int) -> None:
+    """Two windows with the state carried (and detached) give the logits of one long window."""
+    model = tiny(cell)
+    tokens = torch.randint(0, 11, (20, 3), generator=torch.Generator().manual_seed(1))  # (T, B)
+    whole, _ = model(tokens)
+    first, hidden = model(tokens[:split])
+    second, _ = model(tokens[split:], detach_hidden(hidden))
+    torch.testing.assert_close(torch.cat([first, second]), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_detach_cuts_the_graph_between_windows() -> None:
+    model = tiny(Cell.lstm).train()
+    _, hidden = model(torch.zeros(4, 2, dtype=torch.long))
+    h, c = detach_hidden(hidden)
+    assert not h.requires_grad and not c.requires_grad
+
+
+def test_init_hidden_shapes() -> None:
+    h, c = tiny(Cell.lstm).init_hidden(5)
+    assert h.shape == c.shape == (2, 5, 8)
+    assert tiny(Cell.gru).init_hidden(5).shape == (2, 5, 8)
