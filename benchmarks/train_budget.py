@@ -63,7 +63,7 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "config": {
-            "model": config.model.__dict__ | {"cell": config.model.cell.value},
+            "model": run.config.to_dict()["model"],
             "optimizer": train.optimizer.value,
             "lr": train.effective_lr,
             "batch_size": train.batch_size,

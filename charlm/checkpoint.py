@@ -69,14 +69,25 @@ def new_run_dir(name: str, root: Path = DEFAULT_ROOT) -> Path:
     return candidate
 
 
+def check_new_run(path: Path) -> None:
+    """Refuse early (before any slow work) a run directory that already holds a run.
+
+    Raises:
+        CheckpointError: ``path`` holds a run, or is a file.
+    """
+    if (path / RUN_FILE).exists():
+        raise CheckpointError(f"{path} already holds a run; choose another --out")
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a directory")
+
+
 def create_run(path: Path, config: RunConfig, tokenizer: Tokenizer, heldout: str) -> Run:
     """Write the parts of a run that do not change during training.
 
     Raises:
         CheckpointError: the directory exists with a run in it, or cannot be written.
     """
-    if (path / RUN_FILE).exists():
-        raise CheckpointError(f"{path} already holds a run; choose another --out")
+    check_new_run(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / TOKENIZER_FILE, tokenizer.to_bytes())
@@ -89,27 +100,44 @@ def create_run(path: Path, config: RunConfig, tokenizer: Tokenizer, heldout: str
 
 
 def save_checkpoint(run: Run, tag: str, model: RNNLM, state: dict[str, Any]) -> Path:
-    """Save weights and ``state`` as ``run.path/tag``, atomically (temporary dir, then rename)."""
-    final = run.path / tag
+    """Save weights and ``state`` as ``run.path/tag``: written to a temporary directory, then
+    renamed into place. Should a crash fall between moving the old one aside and moving the new
+    one in, :func:`checkpoint_dir` finds the old one under ``.tag-old``."""
+    final, old = run.path / tag, run.path / f".{tag}-old"
+    tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=run.path))
+        tmp.chmod(0o755)  # mkdtemp makes it private
         safetensors_torch.save_model(model, str(tmp / WEIGHTS_FILE))
         _write_synced(tmp / STATE_FILE, json.dumps(state, indent=2).encode())
-        old = run.path / f".{tag}-old"
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot save checkpoint in {run.path}: {exc.strerror or exc}") from exc
     return final
 
 
+def checkpoint_dir(run_dir: Path, tag: str) -> Path | None:
+    """The directory of checkpoint ``tag``, or of the one it was replacing when a save was cut
+    short; None if there is neither."""
+    for candidate in (run_dir / tag, run_dir / f".{tag}-old"):
+        if (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    return None
+
+
 def append_metrics(run: Run, record: dict[str, Any]) -> None:
     """Add one evaluation record to ``metrics.jsonl``."""
-    with open(run.path / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(run.path / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {run.path / METRICS_FILE}: {exc.strerror or exc}") from exc
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -117,7 +145,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     file = path / METRICS_FILE
     if not file.exists():
         return []
-    return [json.loads(line) for line in file.read_text("utf-8").splitlines() if line.strip()]
+    return [_json(line, file) for line in _read(file).splitlines() if line.strip()]
 
 
 def load_run(path: Path) -> Run:
@@ -130,11 +158,8 @@ def load_run(path: Path) -> Run:
         raise CheckpointError(f"run not found: {path}")
     if not (path / RUN_FILE).is_file():
         raise CheckpointError(f"{path} is not a charlm run (no {RUN_FILE})")
-    try:
-        meta = json.loads(_read(path / RUN_FILE))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path / RUN_FILE} is damaged: {exc}") from exc
-    if not isinstance(meta, dict) or "format" not in meta:
+    meta = _json(_read(path / RUN_FILE), path / RUN_FILE)
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int) or "config" not in meta:
         raise CheckpointError(f"{path / RUN_FILE} is not a charlm run file")
     if meta["format"] > FORMAT_VERSION:
         raise CheckpointError(
@@ -155,9 +180,10 @@ def load_model(run: Run, tag: str = BEST, device: torch.device | str = "cpu") ->
     Raises:
         CheckpointError: the checkpoint is missing or its weights do not fit the config.
     """
-    file = run.path / tag / WEIGHTS_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{run.path} has no {tag} checkpoint yet ({file} missing)")
+    directory = checkpoint_dir(run.path, tag)
+    if directory is None:
+        raise CheckpointError(f"{run.path} has no {tag} checkpoint yet")
+    file = directory / WEIGHTS_FILE
     model = RNNLM(run.config.model)
     try:
         safetensors_torch.load_model(model, str(file), strict=True, device=str(device))
@@ -168,24 +194,45 @@ def load_model(run: Run, tag: str = BEST, device: torch.device | str = "cpu") ->
 
 def load_state(run: Run, tag: str = BEST) -> dict[str, Any]:
     """The ``state.json`` of checkpoint ``tag``."""
-    return json.loads(_read(run.path / tag / STATE_FILE))
+    directory = checkpoint_dir(run.path, tag) or run.path / tag
+    return _json(_read(directory / STATE_FILE), directory / STATE_FILE)
 
 
 def latest_run(root: Path = DEFAULT_ROOT) -> Path:
-    """The run under ``root`` whose checkpoint was written last.
+    """The run directly under ``root`` whose newest checkpoint was written last (a run still
+    before its first checkpoint is passed over).
 
     Raises:
-        CheckpointError: there is no run under ``root``.
+        CheckpointError: there is no run with a checkpoint under ``root``.
     """
-    runs = [p.parent for p in root.glob(f"*/{RUN_FILE}")] if root.is_dir() else []
+    runs = {}
+    for run_file in root.glob(f"*/{RUN_FILE}") if root.is_dir() else []:
+        stamp = _checkpoint_time(run_file.parent)
+        if stamp is not None:
+            runs[run_file.parent] = stamp
     if not runs:
-        raise CheckpointError(f"no run found under {root}/; train one with `charlm train CORPUS`")
-    return max(runs, key=_last_written)
+        raise CheckpointError(f"no trained run found under {root}/; train one with `charlm train CORPUS`")
+    return max(runs, key=runs.__getitem__)
 
 
-def _last_written(run_dir: Path) -> float:
-    stamps = [p.stat().st_mtime for p in (run_dir / LATEST / STATE_FILE, run_dir / RUN_FILE) if p.exists()]
-    return max(stamps)
+def _checkpoint_time(run_dir: Path) -> float | None:
+    """When the run's newest checkpoint was written; None if it has none."""
+    stamps = []
+    for tag in (LATEST, BEST):
+        directory = checkpoint_dir(run_dir, tag)
+        if directory is not None:
+            try:
+                stamps.append((directory / STATE_FILE).stat().st_mtime)
+            except OSError:  # replaced by a save while we looked
+                continue
+    return max(stamps, default=None)
+
+
+def _json(data: bytes, file: Path) -> Any:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file} is damaged: {exc}") from exc
 
 
 def _read(file: Path) -> bytes:

@@ -7,6 +7,7 @@ Heavy imports (torch, sentencepiece) happen inside the commands, so ``charlm --h
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,11 +15,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from charlm.config import (
     DEFAULT_CLIP,
     DEFAULT_LR,
     Cell,
+    CheckpointTag,
     ModelConfig,
     OptimizerKind,
     RunConfig,
@@ -56,7 +59,8 @@ RunArg = Annotated[
         help="Run directory; default: the most recent run under checkpoints/.", show_default=False
     ),
 ]
-Tag = Annotated[str, typer.Option(help="Which checkpoint of the run: best or latest.")]
+Tag = Annotated[CheckpointTag, typer.Option(help="Which checkpoint of the run.")]
+Encoding = Annotated[str, typer.Option(help="Text encoding of the input text.")]
 
 
 @app.callback()
@@ -74,7 +78,7 @@ def _guard(ctx: typer.Context, action: Callable[[], T]) -> T:
     except CharlmError as exc:
         if ctx.obj and ctx.obj.get("debug"):
             raise
-        stderr.print(f"[bold red]error:[/] {exc}", highlight=False)
+        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("interrupted")
@@ -122,6 +126,9 @@ def train(
         ),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Stop after this many passes over the corpus.")] = TRAIN.epochs,
+    decay: Annotated[
+        float, typer.Option(help="Decay the learning rate linearly to 0 over this last fraction of the run.")
+    ] = TRAIN.decay,
     max_steps: Annotated[
         int | None, typer.Option(help="Stop after this many steps.", show_default=False)
     ] = None,
@@ -138,7 +145,7 @@ def train(
         int, typer.Option(help="Random seed; the same seed repeats a run on the same machine.")
     ] = TRAIN.seed,
     device: Device = TRAIN.device,
-    encoding: Annotated[str, typer.Option(help="Text encoding of the corpus.")] = "utf-8",
+    encoding: Encoding = "utf-8",
 ) -> None:
     """Train a language model on CORPUS; writes a run directory under checkpoints/."""
 
@@ -159,6 +166,7 @@ def train(
                 lr=lr,
                 clip=clip,
                 epochs=epochs,
+                decay=decay,
                 max_steps=max_steps,
                 max_time=parse_duration(max_time) if max_time else None,
                 val_fraction=val_fraction,
@@ -182,7 +190,7 @@ def train(
         )
         stderr.print(
             f"{result.stop_reason}: {result.steps} steps, {result.tokens:,} tokens in "
-            f"{result.elapsed:.0f}s; {best}; run saved in {result.run_dir}",
+            f"{result.elapsed:.0f}s; {best}; run saved in {escape(str(result.run_dir))}",
             highlight=False,
             soft_wrap=True,
         )
@@ -193,16 +201,17 @@ def train(
         raise typer.Exit(code)
 
 
-def _open(run_path: Path | None, tag: str, device: str) -> tuple[Any, Any]:
+def _open(run_path: Path | None, tag: CheckpointTag, device: str) -> tuple[Any, Any]:
     """Load a run (default: the most recent) and its model on the device."""
     from charlm import checkpoint
     from charlm.device import resolve_device
 
     dev = resolve_device(device)
     run = checkpoint.load_run(run_path or checkpoint.latest_run())
-    if tag == checkpoint.BEST and not (run.path / checkpoint.BEST).exists():
-        tag = checkpoint.LATEST  # a run interrupted before its first validation
-    return run, checkpoint.load_model(run, tag, dev)
+    name = tag.value
+    if tag is CheckpointTag.best and checkpoint.checkpoint_dir(run.path, name) is None:
+        name = checkpoint.LATEST  # a run interrupted before its first validation
+    return run, checkpoint.load_model(run, name, dev)
 
 
 @app.command()
@@ -222,7 +231,7 @@ def sample(
     seed: Annotated[
         int | None, typer.Option(help="Random seed; the same seed gives the same text.", show_default=False)
     ] = None,
-    checkpoint: Tag = "best",
+    checkpoint: Tag = CheckpointTag.best,
     device: Device = "auto",
 ) -> None:
     """Generate text from a trained run; the text streams to stdout."""
@@ -244,17 +253,23 @@ def sample(
         for i in range(config.num_samples):
             if config.num_samples > 1:
                 stderr.rule(f"sample {i + 1} of {config.num_samples}")
-            sys.stdout.write(config.prime)
             last = config.prime
+            _write(config.prime)
             for piece in generate(model, loaded.tokenizer, config, generator):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-                last = piece or last
-            if not last.endswith("\n"):
-                sys.stdout.write("\n")
-            sys.stdout.flush()
+                _write(piece)
+                last = piece
+            _write("" if last.endswith("\n") else "\n")
 
-    _guard(ctx, action)
+    try:
+        _guard(ctx, action)
+    except BrokenPipeError:  # `charlm sample | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _write(text: str) -> None:
+    """Stream text to stdout as soon as it is known."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 @app.command("eval")
@@ -272,23 +287,20 @@ def eval_(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")
     ] = False,
-    checkpoint: Tag = "best",
-    encoding: Annotated[str, typer.Option(help="Text encoding of --data.")] = "utf-8",
+    checkpoint: Tag = CheckpointTag.best,
+    encoding: Encoding = "utf-8",
     device: Device = "auto",
 ) -> None:
     """Score held-out text: tokens, loss (nats), perplexity per token, bits per character."""
 
     def action() -> None:
-        import torch
-
         from charlm.data import read_corpus
-        from charlm.evaluate import evaluate
+        from charlm.evaluate import evaluate_text
         from charlm.progress import eval_table
 
         loaded, model = _open(run, checkpoint, device)
         text = read_corpus([data], encoding) if data else loaded.heldout_text()
-        ids = torch.tensor(loaded.tokenizer.encode(text), dtype=torch.long)
-        result = evaluate(model, ids, len(text), loaded.tokenizer.newline_id).to_dict()
+        result = evaluate_text(model, loaded.tokenizer, text).to_dict()
         result["run"] = str(loaded.path)
         result["data"] = str(data) if data else "held-out split"
         if as_json:

@@ -32,6 +32,13 @@ class TokenizerKind(str, Enum):
     unigram = "unigram"
 
 
+class CheckpointTag(str, Enum):
+    """Which checkpoint of a run to load."""
+
+    best = "best"
+    latest = "latest"
+
+
 class OptimizerKind(str, Enum):
     """Optimizer: clipped SGD (the classic recipe) or Adam."""
 
@@ -64,7 +71,7 @@ class ModelConfig:
     cell: Cell = Cell.lstm
     layers: int = 2
     hidden: int = 384
-    embed: int = 128
+    embed: int = 384
     dropout: float = 0.1
     tie_weights: bool = False
 
@@ -91,6 +98,7 @@ class TrainConfig:
     lr: float | None = None  # None: the optimizer's default, see ``effective_lr``
     clip: float | None = None  # None: the optimizer's default, see ``effective_clip``
     anneal: float = 0.5
+    decay: float = 0.3  # the learning rate falls linearly to 0 over this last fraction of the run
     epochs: int = 10
     max_steps: int | None = None
     max_time: float | None = None  # seconds
@@ -108,6 +116,8 @@ class TrainConfig:
                 _positive(f"--{name.replace('_', '-')}", value)
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.decay <= 1:
+            raise ConfigError(f"--decay must be in [0, 1], got {self.decay}")
         if not 0 < self.anneal <= 1:
             raise ConfigError(f"--anneal must be in (0, 1], got {self.anneal}")
 

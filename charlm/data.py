@@ -20,13 +20,15 @@ of one window is the right initial state of the next (detached, to truncate the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from charlm.config import TokenizerConfig
 from charlm.errors import CorpusError
+from charlm.tokenizer import Tokenizer, train_tokenizer
 
 
 def read_corpus(paths: Sequence[Path], encoding: str = "utf-8") -> str:
@@ -87,7 +89,8 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     The cut is moved back to the start of a line where one is near, so no word is split.
     """
     cut = int(len(text) * (1 - val_fraction))
-    line_start = text.rfind("\n", max(0, cut - 1000), cut)
+    reach = min(1000, (len(text) - cut) // 2)  # never more than half the validation text again
+    line_start = text.rfind("\n", cut - reach, cut)
     cut = line_start + 1 if line_start >= 0 else cut
     return text[:cut], text[cut:]
 
@@ -135,6 +138,50 @@ def eval_streams(ids: torch.Tensor, start_id: int, streams: int) -> EvalStreams:
     return EvalStreams(
         inputs.view(streams, length).t().contiguous(), targets.view(streams, length).t().contiguous(), n
     )
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus ready for training: its tokenizer and the encoded train and validation parts."""
+
+    tokenizer: Tokenizer
+    train_ids: torch.Tensor  # (N,)
+    val_ids: torch.Tensor  # (M,)
+    val_text: str
+
+
+def prepare_corpus(
+    paths: Sequence[Path],
+    tokenizer_config: TokenizerConfig,
+    val_fraction: float,
+    min_train_tokens: int,
+    encoding: str = "utf-8",
+    status: Callable[[str], None] = lambda message: None,
+) -> Corpus:
+    """Read the corpus, split off the validation tail, train the tokenizer on the training part
+    only (validation characters it never saw fall back to bytes) and encode both parts.
+
+    Raises:
+        CorpusError: unusable, or too small for the split or for ``min_train_tokens``.
+        TokenizerError: the tokenizer cannot be built.
+    """
+    text = read_corpus(paths, encoding)
+    train_text, val_text = split_text(text, val_fraction)
+    if not val_text.strip() or not train_text.strip():
+        raise CorpusError(
+            f"corpus of {len(text)} characters is too small to split off --val-fraction {val_fraction}"
+        )
+    status(f"training {tokenizer_config.kind.value} tokenizer on {len(train_text):,} characters")
+    tokenizer = train_tokenizer(train_text, tokenizer_config)
+    status("encoding corpus")
+    train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
+    if train_ids.numel() < min_train_tokens:
+        raise CorpusError(
+            f"corpus too small: {train_ids.numel()} training tokens, need at least {min_train_tokens} "
+            "for the batch layout; use a larger corpus or a smaller --batch-size"
+        )
+    val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
+    return Corpus(tokenizer, train_ids, val_ids, val_text)
 
 
 if __name__ == "__main__":  # `python -m charlm.data FILE` writes the built-in corpus (make demo)

@@ -21,6 +21,8 @@ def resolve_device(name: str) -> torch.device:
         raise DeviceError(f"unknown device {name!r} (use auto, cpu or cuda)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda: no CUDA GPU is available here (try --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type not in ("cpu", "cuda"):
         raise DeviceError(f"unsupported device {name!r} (use auto, cpu or cuda)")
     return device

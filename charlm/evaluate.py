@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from charlm.data import eval_streams
 from charlm.model import RNNLM
+from charlm.tokenizer import Tokenizer
 
 EVAL_STREAMS = 32
 EVAL_WINDOW = 256
@@ -82,3 +83,10 @@ def evaluate(
         ).double()
     model.train(was_training)
     return score(total.item(), layout.tokens, characters)
+
+
+def evaluate_text(model: RNNLM, tokenizer: Tokenizer, text: str) -> EvalResult:
+    """Score a text: the path ``charlm eval`` takes, identical to training's validation of the
+    held-out split (which encodes the same text with the same tokenizer)."""
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    return evaluate(model, ids, len(text), tokenizer.newline_id)

@@ -3,6 +3,7 @@ and streaming output one piece at a time."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -50,10 +51,12 @@ def generate(
     context = [tokenizer.newline_id, *tokenizer.encode(config.prime)]
     logits, hidden = model(torch.tensor(context, device=device).view(-1, 1))  # (T, 1, V)
     last = logits[-1, 0]  # (V,)
+    # No text encodes to the unknown piece (byte fallback), so the model must never say it.
+    never = torch.zeros_like(last).index_fill_(0, torch.tensor([tokenizer.unk_id], device=device), -math.inf)
     decoder = StreamDecoder(tokenizer)
     token = torch.empty((1, 1), dtype=torch.long, device=device)
     for _ in range(config.length):
-        next_id = pick(last.cpu(), config, generator)
+        next_id = pick((last + never).cpu(), config, generator)
         text = decoder.push(next_id)
         if text:
             yield text

@@ -6,12 +6,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from charlm.train import StepReport
 
 LN2 = math.log(2)
 
@@ -19,7 +23,9 @@ LN2 = math.log(2)
 class _TwoLineProgress(Progress):
     """A progress bar with the training figures on a second line, so it fits 80 columns."""
 
-    figures: Text = Text()
+    def __init__(self, *columns: Any, **kwargs: Any) -> None:
+        self.figures = Text()  # set first: the base class renders while it initialises
+        super().__init__(*columns, **kwargs)
 
     def get_renderables(self) -> Iterable[RenderableType]:
         yield self.make_tasks_table(self.tasks)
@@ -59,9 +65,9 @@ class TrainProgress:
 
     def on_status(self, message: str) -> None:
         """A phase of the run (tokenizer, encoding, model size)."""
-        self._progress.console.print(f"[dim]{message}[/]", soft_wrap=True, highlight=False)
+        self._progress.console.print(f"[dim]{escape(message)}[/]", soft_wrap=True, highlight=False)
 
-    def on_step(self, report: Any) -> None:
+    def on_step(self, report: StepReport) -> None:
         """Update the bar from a :class:`charlm.train.StepReport`."""
         self._progress.start_task(self._task)
         self._progress.update(

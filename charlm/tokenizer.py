@@ -25,7 +25,7 @@ ESC = "\ue000"  # a private-use character, escaped itself, so escaping is a bije
 _UNESCAPE = re.compile(ESC + "([" + ESC + "_])")
 NEWLINE = "\n"
 _TRAIN_LINE_CHARS = 2000  # SentencePiece skips training "sentences" over 4192 bytes
-_TRAIN_MAX_LINES = 2_000_000  # a sample this large gives the same vocabulary, in bounded memory
+_TRAIN_MAX_LINES = 2_000_000  # a sample this large gives the same vocabulary, faster
 _ENCODE_CHUNK_CHARS = 1 << 20
 _BYTE_PIECES = 256
 
@@ -86,37 +86,61 @@ class Tokenizer:
         """The SentencePiece piece of one id (for display and tests)."""
         return str(self._sp.id_to_piece(token_id))
 
+    @property
+    def unk_id(self) -> int:
+        """The unknown piece; byte fallback means no text ever encodes to it."""
+        return int(self._sp.unk_id())
+
+    def byte_value(self, token_id: int) -> int | None:
+        """The byte of a byte-fallback piece (``<0xE2>`` -> 0xE2), None for any other piece."""
+        return int(self.piece(token_id)[1:-1], 16) if self._sp.is_byte(token_id) else None
+
+    def decode_escaped(self, ids: list[int]) -> str:
+        """SentencePiece's decoding without undoing the escape (for :class:`StreamDecoder`)."""
+        return str(self._sp.decode(ids))
+
 
 class StreamDecoder:
     """Decodes ids one at a time for streaming output.
 
-    Pieces are held back while they cannot yet be decoded on their own: byte-fallback pieces of a
-    multi-byte character (SentencePiece decodes an incomplete one as U+FFFD) and the first half of
-    an escape pair. A malformed run (as a model may sample) is released after a few ids.
+    Pieces are held back while they cannot yet be decoded on their own: byte-fallback pieces that
+    begin but do not finish a UTF-8 character, and the first half of an escape pair. A malformed
+    run (as a model may sample) is released after a few ids, as ``decode`` would show it.
     """
 
     _MAX_PENDING = 8
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self._sp = tokenizer._sp
+        self._tokenizer = tokenizer
         self._pending: list[int] = []
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text that is now certain (possibly empty)."""
         self._pending.append(token_id)
-        raw = self._sp.decode(self._pending)
-        trailing_esc = len(raw) - len(raw.rstrip(ESC))
-        incomplete = raw.endswith("\ufffd") or trailing_esc % 2 == 1
-        if incomplete and len(self._pending) < self._MAX_PENDING:
+        if len(self._pending) < self._MAX_PENDING and self._incomplete():
             return ""
-        return self.flush(raw)
+        return self.flush()
 
-    def flush(self, raw: str | None = None) -> str:
+    def flush(self) -> str:
         """Release whatever is held back."""
-        if raw is None:
-            raw = self._sp.decode(self._pending)
+        raw = self._tokenizer.decode_escaped(self._pending)
         self._pending = []
         return unescape(raw)
+
+    def _incomplete(self) -> bool:
+        tail = bytearray()
+        for token_id in reversed(self._pending):
+            value = self._tokenizer.byte_value(token_id)
+            if value is None:
+                break
+            tail.insert(0, value)
+        try:
+            tail.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.reason == "unexpected end of data":
+                return True  # a character's first bytes: wait for the rest
+        raw = self._tokenizer.decode_escaped(self._pending)
+        return (len(raw) - len(raw.rstrip(ESC))) % 2 == 1  # half an escape pair
 
 
 def _chunks(text: str, size: int) -> Iterator[str]:
@@ -139,7 +163,7 @@ def _training_lines(text: str) -> Iterator[str]:
         for line in text.split(NEWLINE)
         for i in range(0, max(len(line), 1), _TRAIN_LINE_CHARS)
     ]
-    stride = max(1, len(lines) // _TRAIN_MAX_LINES)
+    stride = -(-len(lines) // _TRAIN_MAX_LINES)  # ceil: at most _TRAIN_MAX_LINES lines
     return iter(lines[::stride])
 
 

@@ -19,12 +19,10 @@ from torch.nn import functional as F
 from charlm import checkpoint
 from charlm.checkpoint import Run
 from charlm.config import OptimizerKind, RunConfig, TrainConfig
-from charlm.data import batchify, read_corpus, split_text, windows
+from charlm.data import batchify, prepare_corpus, windows
 from charlm.device import resolve_device
-from charlm.errors import CorpusError
 from charlm.evaluate import EvalResult, evaluate
 from charlm.model import RNNLM, Hidden, count_parameters, detach_hidden
-from charlm.tokenizer import train_tokenizer
 
 
 @dataclass(frozen=True)
@@ -84,43 +82,32 @@ def prepare_run(
     encoding: str = "utf-8",
     callbacks: Callbacks | None = None,
 ) -> tuple[Run, torch.Tensor, torch.Tensor]:
-    """Read the corpus, split it, train the tokenizer on the training part, encode both parts
-    and create the run directory.
+    """Prepare the corpus (see :func:`charlm.data.prepare_corpus`) and create the run directory.
 
     Returns:
         The run, the training ids (N,) and the validation ids (M,).
 
     Raises:
-        CorpusError: the corpus is unusable or too small for the batch layout.
-        TokenizerError, CheckpointError: as raised by the tokenizer and run directory.
+        CorpusError, TokenizerError, CheckpointError: as their modules raise them; an ``out`` that
+            already holds a run is refused before any work is done.
     """
+    checkpoint.check_new_run(out)
     cb = callbacks or SilentCallbacks()
-    text = read_corpus(paths, encoding)
-    train_text, val_text = split_text(text, config.train.val_fraction)
-    if not val_text or not train_text:
-        raise CorpusError(
-            f"corpus of {len(text)} characters is too small to split off "
-            f"--val-fraction {config.train.val_fraction}"
-        )
-    cb.on_status(f"training {config.tokenizer.kind.value} tokenizer on {len(train_text):,} characters")
-    tokenizer = train_tokenizer(train_text, config.tokenizer)
-    cb.on_status("encoding corpus")
-    train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
-    val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
-    tc = config.train
-    needed = tc.batch_size * 2
-    if train_ids.numel() < needed:
-        raise CorpusError(
-            f"corpus too small: {train_ids.numel()} training tokens cannot fill --batch-size "
-            f"{tc.batch_size} streams of at least 2 tokens; use a larger corpus or smaller batch"
-        )
+    corpus = prepare_corpus(
+        paths,
+        config.tokenizer,
+        config.train.val_fraction,
+        2 * config.train.batch_size,
+        encoding,
+        cb.on_status,
+    )
     config = dataclasses.replace(
         config,
-        model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size),
+        model=dataclasses.replace(config.model, vocab_size=corpus.tokenizer.vocab_size),
         corpus=tuple(str(p) for p in paths),
     )
-    run = checkpoint.create_run(out, config, tokenizer, val_text)
-    return run, train_ids, val_ids
+    run = checkpoint.create_run(out, config, corpus.tokenizer, corpus.val_text)
+    return run, corpus.train_ids, corpus.val_ids
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -155,6 +142,18 @@ def train_step(
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)  # global norm
     optimizer.step()
     return loss.detach(), grad_norm.detach(), hidden
+
+
+def lr_scale(fraction: float, decay: float) -> float:
+    """Multiplier of the learning rate at ``fraction`` (0..1) of the run: 1, then a linear decay
+    to 0 over the last ``decay`` of the run (0: no decay).
+
+    Every run has a known end (epochs, ``--max-steps`` or ``--max-time``), and ending a
+    fixed budget at a low learning rate gives a lower loss than stopping at the peak.
+    """
+    if decay <= 0 or fraction <= 1 - decay:
+        return 1.0
+    return max(0.0, (1.0 - fraction) / decay)
 
 
 class _Clock:
@@ -195,8 +194,11 @@ class TrainingProgress:
     best_loss: float = math.inf
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data for ``state.json``."""
-        return dataclasses.asdict(self)
+        """Plain data for ``state.json`` (strict JSON: no best loss yet is null, not Infinity)."""
+        return {
+            **dataclasses.asdict(self),
+            "best_loss": self.best_loss if self.best_loss < math.inf else None,
+        }
 
 
 class Trainer:
@@ -215,14 +217,13 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.model = RNNLM(run.config.model).to(self.device)
         self.optimizer = build_optimizer(self.model, tc)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, factor=tc.anneal, patience=0
-        )
+        self.plateau_scale = 1.0  # times ``anneal`` for each validation that did not improve
         self.streams = batchify(train_ids, tc.batch_size).to(self.device)  # (T, B)
         self.steps_per_epoch = math.ceil((self.streams.size(0) - 1) / tc.bptt)
         self.val_chars = len(run.heldout_text())
         self.progress = TrainingProgress()
         self.best: EvalResult | None = None
+        self._validated_at: int | None = None
         self.clock = _Clock(tc, self.steps_per_epoch)
         self._loss_sum = torch.zeros((), device=self.device)  # since the last validation
         self._loss_steps = 0
@@ -244,8 +245,7 @@ class Trainer:
             while stop is None:
                 stop = self._epoch() or ("epochs" if p.epoch >= tc.epochs else None)
                 p.epoch += stop is None
-            if p.step % tc.eval_every != 0 or p.step == 0:
-                self._validate()
+            self._validate()
         except KeyboardInterrupt:
             stop = "interrupted"
             state = {**p.state_dict(), "interrupted": True}
@@ -271,6 +271,7 @@ class Trainer:
             )
             hidden = detach_hidden(hidden)
             p.step, p.tokens = p.step + 1, p.tokens + x.numel()
+            self._set_lr()
             self._loss_sum, self._loss_steps = self._loss_sum + loss, self._loss_steps + 1
             if p.step % 10 == 0 or p.step == 1:
                 self._report(loss)
@@ -280,7 +281,14 @@ class Trainer:
                 return "max_steps"
             if self.clock.out_of_time():
                 return "max_time"
+        self._validate()  # at least once an epoch, however small the corpus
         return None
+
+    def _set_lr(self) -> None:
+        """Peak LR x plateau annealing x the final decay of a run whose end is known."""
+        scale = lr_scale(self.clock.fraction(self.progress.step), self.config.decay)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.effective_lr * self.plateau_scale * scale
 
     def _report(self, loss: torch.Tensor) -> None:
         p, clock = self.progress, self.clock
@@ -293,8 +301,11 @@ class Trainer:
         )  # fmt: skip
 
     def _validate(self) -> None:
-        """Score the held-out split, log it, checkpoint, and let the schedule react."""
+        """Score the held-out split, log it, checkpoint, and let the schedule react (once a step)."""
         p = self.progress
+        if self._validated_at == p.step:
+            return
+        self._validated_at = p.step
         result = evaluate(self.model, self.val_ids, self.val_chars, self.run.tokenizer.newline_id)
         record = {
             "step": p.step, "epoch": p.epoch, "tokens": p.tokens,
@@ -309,8 +320,9 @@ class Trainer:
         if result.loss < p.best_loss:
             p.best_loss, self.best = result.loss, result
             checkpoint.save_checkpoint(self.run, checkpoint.BEST, self.model, state)
+        else:  # validation stopped improving: anneal
+            self.plateau_scale *= self.config.anneal
         checkpoint.save_checkpoint(self.run, checkpoint.LATEST, self.model, state)
-        self.scheduler.step(result.loss)
         self.cb.on_eval(record)
 
 

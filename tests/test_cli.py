@@ -89,11 +89,36 @@ def test_sample_with_a_seed_is_reproducible_and_only_text_on_stdout(trained_run:
     assert invoke(*args[:-1], "4").stdout != a.stdout
 
 
-def test_sample_defaults_to_the_most_recent_run(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(trained_run.parent.parent)
-    result = invoke("sample", "--temp", "0.8", "--length", "10", "--seed", "1")
-    assert result.exit_code == 0, result.output
-    assert result.stdout == invoke("sample", trained_run, "--length", "10", "--seed", "1").stdout
+def test_sample_defaults_to_the_most_recent_run(in_tmp: Path, corpus: Path) -> None:
+    for seed, name in enumerate(("older", "newer")):
+        args = ["--out", f"checkpoints/{name}", "--max-steps", "3", "--seed", str(seed), *TINY_MODEL]
+        assert invoke("train", corpus, *args).exit_code == 0
+    default = invoke("sample", "--temp", "0.8", "--length", "30", "--seed", "1")
+    assert default.exit_code == 0, default.output
+    assert default.stdout == invoke("sample", "checkpoints/newer", "--length", "30", "--seed", "1").stdout
+    assert default.stdout != invoke("sample", "checkpoints/older", "--length", "30", "--seed", "1").stdout
+
+
+def test_sample_stdout_is_exactly_the_generated_text(trained_run: Path) -> None:
+    from charlm import checkpoint
+    from charlm.config import SampleConfig
+    from charlm.generate import generate, make_generator
+
+    run = checkpoint.load_run(trained_run)
+    model = checkpoint.load_model(run)
+    config = SampleConfig(length=80, temperature=0.9, prime="The ", seed=5)
+    expected = "The " + "".join(generate(model, run.tokenizer, config, make_generator(5)))
+    result = invoke(
+        "sample", trained_run, "--length", "80", "--temp", "0.9", "--prime", "The ", "--seed", "5"
+    )
+    assert result.stdout == expected + ("" if expected.endswith("\n") else "\n")
+
+
+def test_sample_into_a_closed_pipe_is_quiet(trained_run: Path) -> None:
+    shell = f"{sys.executable} -m charlm sample {trained_run} --length 20000 --seed 1 | head -c 5"
+    out = subprocess.run(shell, shell=True, capture_output=True, timeout=120)
+    assert len(out.stdout) == 5
+    assert b"Traceback" not in out.stderr and b"Error" not in out.stderr
 
 
 def test_sample_greedy_prime_filters_and_several_samples(trained_run: Path) -> None:
@@ -154,8 +179,11 @@ def test_eval_table_and_other_data(trained_run: Path, tmp_path: Path) -> None:
         (["sample", "--top-p", "0"], 2, "--top-p"),
         (["sample", "--top-k", "-1"], 2, "--top-k"),
         (["sample", "--length", "-5"], 2, "--length"),
-        (["sample"], 1, "no run found"),
+        (["sample"], 1, "no trained run found"),
         (["eval", "nowhere"], 1, "run not found"),
+        (["eval", "notes[v2]"], 1, "notes[v2]"),  # no rich markup eaten
+        (["sample", "--checkpoint", "worst"], 2, "worst"),
+        (["train", "CORPUS", "--device", "cuda:7"], 2, "cuda"),
     ],
 )
 def test_user_mistakes_get_one_line_and_an_exit_code(

@@ -82,3 +82,11 @@ def test_missing_and_directory_corpus(tmp_path: Path) -> None:
         read_corpus([tmp_path / "nope.txt"])
     with pytest.raises(CorpusError, match="directory"):
         read_corpus([tmp_path])
+
+
+@given(st.lists(st.text(alphabet="ab ", max_size=300), min_size=1, max_size=30), st.floats(0.01, 0.5))
+def test_split_never_more_than_doubles_the_validation_share(lines: list[str], fraction: float) -> None:
+    text = "\n".join(lines)
+    train, val = split_text(text, fraction)
+    assert train + val == text
+    assert len(val) <= 2 * (len(text) - int(len(text) * (1 - fraction))) + 1

@@ -89,3 +89,12 @@ def test_char_vocabulary_is_every_character_plus_bytes(corpus_text: str) -> None
 def test_impossible_vocabulary_is_a_clear_error(corpus_text: str, kind: str, size: int, words: str) -> None:
     with pytest.raises(TokenizerError, match=words):
         train_tokenizer(corpus_text, TokenizerConfig(TokenizerKind(kind), size))
+
+
+def test_streaming_releases_a_real_replacement_character_at_once(tokenizer: Tokenizer) -> None:
+    text = "a" + "\ufffd" * 9 + "é😀b"
+    ids = tokenizer.encode(text)
+    decoder = StreamDecoder(tokenizer)
+    first = len(tokenizer.encode("a\ufffd"))
+    assert "".join(decoder.push(i) for i in ids[:first]) == "a\ufffd"  # nothing held back
+    assert "".join(decoder.push(i) for i in ids[first:]) + decoder.flush() == text[2:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from charlm import checkpoint
@@ -13,12 +14,17 @@ from charlm.train import fit, prepare_run, train_step
 
 
 def config(**train: object) -> RunConfig:
+    options: dict = {
+        "batch_size": 8,
+        "bptt": 16,
+        "device": "cpu",
+        "eval_every": 10,
+        "optimizer": OptimizerKind.adam,
+    }
     return RunConfig(
         tokenizer=TokenizerConfig(),
         model=ModelConfig(hidden=32, embed=16, dropout=0.1),
-        train=TrainConfig(
-            batch_size=8, bptt=16, device="cpu", eval_every=10, optimizer=OptimizerKind.adam, **train
-        ),  # type: ignore[arg-type]
+        train=TrainConfig(**{**options, **train}),
     )
 
 
@@ -63,11 +69,60 @@ def test_time_limit_stops_the_run(tmp_path: Path, corpus: Path) -> None:
 
 
 def test_epochs_stop_the_run(tmp_path: Path, corpus: Path) -> None:
-    cfg = config(epochs=1)
-    cfg = RunConfig(
-        cfg.tokenizer, cfg.model, TrainConfig(**{**cfg.train.__dict__, "batch_size": 64, "bptt": 64})
+    run, train_ids, val_ids = prepare_run(
+        [corpus], config(epochs=1, batch_size=64, bptt=64), tmp_path / "run"
     )
-    run, train_ids, val_ids = prepare_run([corpus], cfg, tmp_path / "run")
     result = fit(run, train_ids, val_ids)
     per_epoch = -(-(train_ids.numel() // 64 - 1) // 64)
     assert result.stop_reason == "epochs" and result.steps == per_epoch
+
+
+def test_lr_schedule_holds_then_decays_linearly_to_zero() -> None:
+    from charlm.train import lr_scale
+
+    assert lr_scale(0.0, 0.3) == lr_scale(0.7, 0.3) == 1.0
+    assert abs(lr_scale(0.85, 0.3) - 0.5) < 1e-12
+    assert lr_scale(1.0, 0.3) == 0.0
+    assert lr_scale(0.99, 0.0) == 1.0  # decay off
+
+
+def test_plateau_anneals_the_learning_rate(tmp_path: Path, corpus: Path) -> None:
+    # an lr so large that validation keeps failing to improve
+    run, train_ids, val_ids = prepare_run(
+        [corpus], config(max_steps=50, lr=5.0, decay=0.0, eval_every=10), tmp_path / "run"
+    )
+    fit(run, train_ids, val_ids)
+    records = checkpoint.read_metrics(run.path)
+    worse = [r["val_loss"] >= min(q["val_loss"] for q in records[:i]) for i, r in enumerate(records) if i]
+    assert sum(worse[:-1]) >= 1
+    # the lr logged at a validation carries the annealing of the validations before it
+    assert records[-1]["lr"] == pytest.approx(5.0 * 0.5 ** sum(worse[:-1]))
+
+
+def test_trainer_carries_the_hidden_state_between_windows(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each window starts from the previous window's final state, detached; an epoch from zeros."""
+    from charlm import train as module
+
+    calls = []
+    real_step = module.train_step
+
+    def spy(model, optimizer, x, y, hidden, clip):  # type: ignore[no-untyped-def]
+        loss, norm, new_hidden = real_step(model, optimizer, x, y, hidden, clip)
+        calls.append((hidden, new_hidden))
+        return loss, norm, new_hidden
+
+    monkeypatch.setattr(module, "train_step", spy)
+    cfg = config(epochs=2, batch_size=32, bptt=64, eval_every=1000)
+    run, train_ids, val_ids = prepare_run([corpus], cfg, tmp_path / "run")
+    fit(run, train_ids, val_ids)
+    per_epoch = len(calls) // 2
+    assert per_epoch >= 3
+    for k, (hidden_in, _) in enumerate(calls):
+        if k % per_epoch == 0:
+            assert all(torch.count_nonzero(h) == 0 for h in hidden_in)
+        else:
+            previous_out = calls[k - 1][1]
+            for h_in, h_out in zip(hidden_in, previous_out, strict=True):
+                assert torch.equal(h_in, h_out.detach()) and not h_in.requires_grad
