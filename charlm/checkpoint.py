@@ -1,28 +1,36 @@
-"""Run directories: a self-contained record of one training run.
+"""Run directories: a self-contained, verifiable record of one training run.
 
-Layout (everything ``sample`` and ``eval`` need, nothing that executes on load)::
+Layout (everything ``sample``, ``eval`` and ``train --resume`` need, nothing that executes on load)::
 
     RUN/
-      run.json          format version, charlm version, the RunConfig
+      run.json          format version, charlm version, the RunConfig, checksums of the two below
+                        and of the corpus text
       tokenizer.model   the SentencePiece model (a protobuf)
       heldout.txt       the validation text, never trained on
       metrics.jsonl     one JSON object per evaluation
-      best/             weights with the lowest validation loss so far
-      latest/           the most recent weights
-        model.safetensors   plain tensors (safetensors: no pickle, no code)
-        state.json          step, epoch, tokens seen, validation loss ...
+      .lock             held by the one process training into the run (see :mod:`charlm.lock`)
+      best/             the state with the lowest validation loss so far
+      latest/           the most recent state
+        model.safetensors     the weights (plain tensors: safetensors, no pickle, no code)
+        trainer.safetensors   optimizer moments, carried hidden state, random generator states
+        state.json            step, epoch, position in the data, schedule, best loss ...
+        manifest.json         SHA-256 and size of the three files above, written last
 
-A checkpoint is written to a temporary directory and renamed into place, so an interrupted save
-never leaves a half-written checkpoint under a good name.
+A checkpoint is written to a temporary directory, synced, and renamed into place, so a crash (even
+SIGKILL, even mid-save) never leaves a half-written checkpoint under a good name; loading checks
+every file against the manifest and names the one that is damaged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +50,12 @@ TOKENIZER_FILE = "tokenizer.model"
 HELDOUT_FILE = "heldout.txt"
 METRICS_FILE = "metrics.jsonl"
 WEIGHTS_FILE = "model.safetensors"
+TRAINER_FILE = "trainer.safetensors"
 STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
 BEST, LATEST = "best", "latest"
 DEFAULT_ROOT = Path("checkpoints")
+_TMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -54,10 +65,25 @@ class Run:
     path: Path
     config: RunConfig
     tokenizer: Tokenizer
+    corpus_sha256: str | None = None  # of the corpus text (after decoding), None if not recorded
 
     def heldout_text(self) -> str:
         """The validation text the run was evaluated on during training."""
         return _read(self.path / HELDOUT_FILE).decode("utf-8")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one checkpoint holds: weights, the trainer's tensors and its plain state."""
+
+    weights: dict[str, torch.Tensor]
+    trainer: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def new_run_dir(name: str, root: Path = DEFAULT_ROOT) -> Path:
@@ -76,57 +102,134 @@ def check_new_run(path: Path) -> None:
         CheckpointError: ``path`` holds a run, or is a file.
     """
     if (path / RUN_FILE).exists():
-        raise CheckpointError(f"{path} already holds a run; choose another --out")
+        raise CheckpointError(
+            f"{path} already holds a run; add --resume to continue it, or choose another --out"
+        )
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a directory")
 
 
-def create_run(path: Path, config: RunConfig, tokenizer: Tokenizer, heldout: str) -> Run:
-    """Write the parts of a run that do not change during training.
+def make_run_dir(path: Path) -> None:
+    """Create the directory of a new run (and its parents).
 
     Raises:
-        CheckpointError: the directory exists with a run in it, or cannot be written.
+        CheckpointError: it cannot be created.
     """
-    check_new_run(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / TOKENIZER_FILE, tokenizer.to_bytes())
-        _atomic_write(path / HELDOUT_FILE, heldout.encode("utf-8"))
-        meta = {"format": FORMAT_VERSION, "charlm": __version__, "config": config.to_dict()}
+    except OSError as exc:
+        raise CheckpointError(f"cannot create run directory {path}: {exc.strerror or exc}") from exc
+
+
+def remove_if_empty(path: Path) -> None:
+    """Remove a run directory that a failed start left empty (a no-op otherwise)."""
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+def create_run(
+    path: Path, config: RunConfig, tokenizer: Tokenizer, heldout: str, corpus_sha256: str | None = None
+) -> Run:
+    """Write the parts of a run that do not change during training; ``run.json`` goes last and
+    records the checksums of the others, so a run directory without it is not a run.
+
+    Raises:
+        CheckpointError: the directory already holds a run, or cannot be written.
+    """
+    check_new_run(path)
+    make_run_dir(path)
+    try:
+        files = {TOKENIZER_FILE: tokenizer.to_bytes(), HELDOUT_FILE: heldout.encode("utf-8")}
+        for name, data in files.items():
+            _atomic_write(path / name, data)
+        meta = {
+            "format": FORMAT_VERSION,
+            "charlm": __version__,
+            "config": config.to_dict(),
+            "corpus_sha256": corpus_sha256,
+            "files": {name: sha256(data) for name, data in files.items()},
+        }
         _atomic_write(path / RUN_FILE, json.dumps(meta, indent=2).encode())
     except OSError as exc:
         raise CheckpointError(f"cannot write run directory {path}: {exc.strerror or exc}") from exc
-    return Run(path, config, tokenizer)
+    return Run(path, config, tokenizer, corpus_sha256)
 
 
-def save_checkpoint(run: Run, tag: str, model: RNNLM, state: dict[str, Any]) -> Path:
-    """Save weights and ``state`` as ``run.path/tag``: written to a temporary directory, then
-    renamed into place. Should a crash fall between moving the old one aside and moving the new
-    one in, :func:`checkpoint_dir` finds the old one under ``.tag-old``."""
+def update_config(run: Run, config: RunConfig) -> Run:
+    """Record a changed config (a resumed run given a longer budget) in ``run.json``.
+
+    Raises:
+        CheckpointError: it cannot be written.
+    """
+    file = run.path / RUN_FILE
+    meta = _json(_read(file), file)
+    meta["config"] = config.to_dict()
+    try:
+        _atomic_write(file, json.dumps(meta, indent=2).encode())
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {file}: {exc.strerror or exc}") from exc
+    return dataclasses.replace(run, config=config)
+
+
+def save_checkpoint(run: Run, tag: str, snapshot: Snapshot) -> Path:
+    """Save ``snapshot`` as ``run.path/tag``.
+
+    The files are written and synced in a temporary directory, with a manifest of their
+    checksums last; the old checkpoint is moved to ``.tag-old`` and the new one renamed into
+    place. Should a crash fall between the two renames, :func:`checkpoint_dir` finds the old one.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be written (the previous one is left intact).
+    """
     final, old = run.path / tag, run.path / f".{tag}-old"
     tmp = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=run.path))
+        files = {
+            WEIGHTS_FILE: safetensors_torch.save(_contiguous(snapshot.weights)),
+            TRAINER_FILE: safetensors_torch.save(_contiguous(snapshot.trainer)),
+            STATE_FILE: json.dumps(snapshot.state, indent=2, allow_nan=False).encode(),
+        }
+        manifest = {
+            "format": FORMAT_VERSION,
+            "files": {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in files.items()},
+        }
+        files[MANIFEST_FILE] = json.dumps(manifest, indent=2).encode()
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{tag}-", dir=run.path))
         tmp.chmod(0o755)  # mkdtemp makes it private
-        safetensors_torch.save_model(model, str(tmp / WEIGHTS_FILE))
-        _write_synced(tmp / STATE_FILE, json.dumps(state, indent=2).encode())
+        for name, data in files.items():
+            _write_synced(tmp / name, data)
+        _sync_dir(tmp)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         tmp.rename(final)
+        _sync_dir(run.path)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot save checkpoint in {run.path}: {exc.strerror or exc}") from exc
+        raise CheckpointError(
+            f"cannot save checkpoint {tag} in {run.path}: {exc.strerror or exc} "
+            "(the previous checkpoint is intact)"
+        ) from exc
     return final
+
+
+def remove_unfinished_saves(run_dir: Path) -> None:
+    """Delete what saves cut short by a crash left: temporary directories, and old checkpoints
+    moved aside whose replacement made it into place."""
+    for tmp in run_dir.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for tag in (LATEST, BEST):
+        if (run_dir / tag / MANIFEST_FILE).is_file():
+            shutil.rmtree(run_dir / f".{tag}-old", ignore_errors=True)
 
 
 def checkpoint_dir(run_dir: Path, tag: str) -> Path | None:
     """The directory of checkpoint ``tag``, or of the one it was replacing when a save was cut
-    short; None if there is neither."""
+    short; None if there is neither. (Complete, not yet verified: see :func:`load_snapshot`.)"""
     for candidate in (run_dir / tag, run_dir / f".{tag}-old"):
-        if (candidate / WEIGHTS_FILE).is_file():
+        if (candidate / MANIFEST_FILE).is_file():
             return candidate
     return None
 
@@ -140,6 +243,26 @@ def append_metrics(run: Run, record: dict[str, Any]) -> None:
         raise CheckpointError(f"cannot write {run.path / METRICS_FILE}: {exc.strerror or exc}") from exc
 
 
+def truncate_metrics(run: Run, step: int) -> None:
+    """Drop the records after ``step`` (and a line cut short by a crash): a resumed run logs
+    those evaluations again, and the log must read as if the run had never stopped."""
+    file = run.path / METRICS_FILE
+    if not file.exists():
+        return
+    kept = []
+    for line in _read(file).decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    try:
+        _atomic_write(file, "".join(kept).encode("utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {file}: {exc.strerror or exc}") from exc
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """All records of a run's ``metrics.jsonl`` (empty if none yet)."""
     file = path / METRICS_FILE
@@ -149,47 +272,106 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def load_run(path: Path) -> Run:
-    """Read a run's config and tokenizer.
+    """Read a run's config and tokenizer, verifying them against the checksums in ``run.json``.
 
     Raises:
         CheckpointError: not a run directory, damaged, or written by a newer charlm.
     """
     if not path.exists():
         raise CheckpointError(f"run not found: {path}")
-    if not (path / RUN_FILE).is_file():
+    if not path.is_dir() or not (path / RUN_FILE).is_file():
         raise CheckpointError(f"{path} is not a charlm run (no {RUN_FILE})")
     meta = _json(_read(path / RUN_FILE), path / RUN_FILE)
     if not isinstance(meta, dict) or not isinstance(meta.get("format"), int) or "config" not in meta:
         raise CheckpointError(f"{path / RUN_FILE} is not a charlm run file")
-    if meta["format"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} was written by charlm {meta.get('charlm', '?')} (format {meta['format']}); "
-            f"this charlm {__version__} reads format {FORMAT_VERSION} at most: upgrade charlm"
-        )
+    _check_format(meta["format"], meta.get("charlm"), path)
+    checksums = meta.get("files") if isinstance(meta.get("files"), dict) else {}
     try:
         config = RunConfig.from_dict(meta["config"])
-        tokenizer = Tokenizer.from_bytes(_read(path / TOKENIZER_FILE))
+        tokenizer = Tokenizer.from_bytes(_verified(path / TOKENIZER_FILE, checksums.get(TOKENIZER_FILE)))
     except CharlmError as exc:
         raise CheckpointError(f"{path} is damaged: {exc}") from exc
-    return Run(path, config, tokenizer)
+    _verified(path / HELDOUT_FILE, checksums.get(HELDOUT_FILE))
+    corpus = meta.get("corpus_sha256")
+    return Run(path, config, tokenizer, corpus if isinstance(corpus, str) else None)
+
+
+def load_snapshot(directory: Path) -> Snapshot:
+    """Read and verify one checkpoint directory. Nothing in it can run code: tensors come from
+    safetensors, the rest is JSON.
+
+    Raises:
+        CheckpointError: a file is missing, fails its checksum, or is not what it claims to be;
+            the message names the file.
+    """
+    manifest = _json(_read(directory / MANIFEST_FILE), directory / MANIFEST_FILE)
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict) or not all(isinstance(v, dict) for v in listed.values()):
+        raise CheckpointError(f"{directory / MANIFEST_FILE} is damaged: no file list")
+    _check_format(manifest.get("format", FORMAT_VERSION), None, directory)
+    missing = {WEIGHTS_FILE, STATE_FILE} - listed.keys()
+    if missing:
+        raise CheckpointError(f"{directory / MANIFEST_FILE} is damaged: does not list {sorted(missing)[0]}")
+    data = {name: _verified(directory / name, entry.get("sha256")) for name, entry in listed.items()}
+    state = _json(data[STATE_FILE], directory / STATE_FILE)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{directory / STATE_FILE} is damaged: not a JSON object")
+    return Snapshot(
+        _tensors(data[WEIGHTS_FILE], directory / WEIGHTS_FILE),
+        _tensors(data[TRAINER_FILE], directory / TRAINER_FILE) if TRAINER_FILE in data else {},
+        state,
+    )
 
 
 def load_model(run: Run, tag: str = BEST, device: torch.device | str = "cpu") -> RNNLM:
-    """Build the run's model and load the weights of checkpoint ``tag``, on ``device``.
+    """Build the run's model and load the verified weights of checkpoint ``tag`` onto ``device``
+    (wherever they were saved: the files hold no device).
 
     Raises:
-        CheckpointError: the checkpoint is missing or its weights do not fit the config.
+        CheckpointError: the checkpoint is missing, damaged, or its weights do not fit the config.
     """
     directory = checkpoint_dir(run.path, tag)
     if directory is None:
         raise CheckpointError(f"{run.path} has no {tag} checkpoint yet")
-    file = directory / WEIGHTS_FILE
     model = RNNLM(run.config.model)
-    try:
-        safetensors_torch.load_model(model, str(file), strict=True, device=str(device))
-    except (SafetensorError, RuntimeError, OSError) as exc:
-        raise CheckpointError(f"cannot load weights {file}: {exc}") from exc
+    load_weights(model, load_snapshot(directory).weights, directory / WEIGHTS_FILE)
     return model.to(device).eval()
+
+
+def load_weights(model: RNNLM, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy ``weights`` into ``model``, every tensor present and of the right shape.
+
+    Raises:
+        CheckpointError: they do not fit the model.
+    """
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0:2]
+        raise CheckpointError(f"{source} does not fit the run's model: {' '.join(first)}") from exc
+
+
+def newest_intact(run: Run) -> tuple[Snapshot | None, list[str]]:
+    """The checkpoint of ``run`` with the highest step among those that verify, and one line per
+    checkpoint that did not (what resume reports when it falls back)."""
+    found: list[tuple[int, Snapshot]] = []
+    problems = []
+    for tag in (LATEST, BEST):
+        directory = run.path / tag
+        if not directory.exists():  # a crash between the two renames of a save
+            directory = run.path / f".{tag}-old"
+        if directory.exists():
+            try:
+                snapshot = load_snapshot(directory)
+                step = snapshot.state.get("step")
+                if not isinstance(step, int):
+                    raise CheckpointError(f"{directory / STATE_FILE} is damaged: no step")
+                found.append((step, snapshot))
+            except CheckpointError as exc:
+                problems.append(str(exc))
+    if not found:
+        return None, problems
+    return max(found, key=lambda pair: pair[0])[1], problems
 
 
 def load_state(run: Run, tag: str = BEST) -> dict[str, Any]:
@@ -222,10 +404,42 @@ def _checkpoint_time(run_dir: Path) -> float | None:
         directory = checkpoint_dir(run_dir, tag)
         if directory is not None:
             try:
-                stamps.append((directory / STATE_FILE).stat().st_mtime)
+                stamps.append((directory / MANIFEST_FILE).stat().st_mtime)
             except OSError:  # replaced by a save while we looked
                 continue
     return max(stamps, default=None)
+
+
+def _check_format(version: Any, writer: Any, path: Path) -> None:
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer charlm {writer or ''} (format {version}); "
+            f"this charlm {__version__} reads format {FORMAT_VERSION} at most: upgrade charlm"
+        )
+
+
+def _verified(file: Path, expected: Any) -> bytes:
+    """The bytes of ``file``, checked against its recorded SHA-256 (when one is recorded)."""
+    data = _read(file)
+    if expected is not None and sha256(data) != expected:
+        raise CheckpointError(
+            f"{file} is damaged: its checksum does not match the one recorded when it was saved"
+            + (" (the file is empty)" if not data else "")
+        )
+    return data
+
+
+def _tensors(data: bytes, file: Path) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes; anything else (a pickle, say) is refused, never executed."""
+    try:
+        return safetensors_torch.load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{file} is not a safetensors file (refused, nothing was run): {exc}") from exc
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies, as safetensors wants them; no two share memory."""
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
 
 
 def _json(data: bytes, file: Path) -> Any:
@@ -249,6 +463,20 @@ def _write_synced(file: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _sync_dir(directory: Path) -> None:
+    """Make renames and new files in ``directory`` durable (a no-op where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(file: Path, data: bytes) -> None:

@@ -6,6 +6,7 @@ Heavy imports (torch, sentencepiece) happen inside the commands, so ``charlm --h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -30,10 +31,12 @@ from charlm.config import (
     TokenizerKind,
     TrainConfig,
     parse_duration,
+    parse_save_every,
 )
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, CheckpointError, ConfigError
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 app = typer.Typer(
     name="charlm",
@@ -88,13 +91,26 @@ def _guard(ctx: typer.Context, action: Callable[[], T]) -> T:
 @app.command()
 def train(
     ctx: typer.Context,
-    corpus: Annotated[list[Path], typer.Argument(help="One or more UTF-8 text files.", show_default=False)],
+    corpus: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="One or more UTF-8 text files (with --resume: default, the run's own).", show_default=False
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
             help="Run directory (default: checkpoints/CORPUS-NAME, numbered if taken).", show_default=False
         ),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the run in --out (default: the most recent run) exactly where its last "
+            "checkpoint stopped; only the stop conditions, --eval-every, --save-every and --device "
+            "may change."
+        ),
+    ] = False,
     tokenizer: Annotated[TokenizerKind, typer.Option(help="SentencePiece model type.")] = TOK.kind,
     vocab_size: Annotated[
         int, typer.Option(help="Vocabulary size for bpe/unigram (char: all characters).")
@@ -141,6 +157,10 @@ def train(
     eval_every: Annotated[
         int, typer.Option(help="Validate (and checkpoint) every this many steps.")
     ] = TRAIN.eval_every,
+    save_every: Annotated[
+        str,
+        typer.Option(help="Also save the latest state every N steps (500) or every so long (90s, 10m)."),
+    ] = f"{TRAIN.save_seconds:g}s",
     seed: Annotated[
         int, typer.Option(help="Random seed; the same seed repeats a run on the same machine.")
     ] = TRAIN.seed,
@@ -151,54 +171,104 @@ def train(
 
     def action() -> int:
         from charlm import checkpoint
+        from charlm.device import resolve_device
+        from charlm.lock import RunLock
         from charlm.progress import TrainProgress
-        from charlm.train import fit, prepare_run
+        from charlm.stopping import StopRequest
+        from charlm.train import fit, prepare_resume, prepare_run
 
+        save_steps, save_seconds = parse_save_every(save_every)
+        train_config = TrainConfig(
+            batch_size=batch_size,
+            bptt=bptt,
+            optimizer=optimizer,
+            lr=lr,
+            clip=clip,
+            epochs=epochs,
+            decay=decay,
+            max_steps=max_steps,
+            max_time=parse_duration(max_time) if max_time else None,
+            val_fraction=val_fraction,
+            eval_every=eval_every,
+            save_steps=save_steps,
+            save_seconds=save_seconds,
+            seed=seed,
+            device=device,
+        )
         config = RunConfig(
             tokenizer=TokenizerConfig(tokenizer, vocab_size),
             model=ModelConfig(
                 cell=cell, layers=layers, hidden=hidden, embed=embed, dropout=dropout, tie_weights=tie_weights
             ),
-            train=TrainConfig(
-                batch_size=batch_size,
-                bptt=bptt,
-                optimizer=optimizer,
-                lr=lr,
-                clip=clip,
-                epochs=epochs,
-                decay=decay,
-                max_steps=max_steps,
-                max_time=parse_duration(max_time) if max_time else None,
-                val_fraction=val_fraction,
-                eval_every=eval_every,
-                seed=seed,
-                device=device,
-            ),
+            train=train_config,
         )
-        from charlm.device import resolve_device
-
         resolve_device(device)  # refuse a missing GPU before any work
-        run_dir = out or checkpoint.new_run_dir(corpus[0].stem or "run")
-        with TrainProgress(stderr) as progress:
-            run, train_ids, val_ids = prepare_run(corpus, config, run_dir, encoding, progress)
-            progress.chars_per_token = len(run.heldout_text()) / max(val_ids.numel(), 1)
-            result = fit(run, train_ids, val_ids, progress)
+        if resume:
+            run_dir = out or checkpoint.latest_run()
+        elif not corpus:
+            raise ConfigError("give a corpus file to train on (or --resume to continue a run)")
+        else:
+            run_dir = out or checkpoint.new_run_dir(corpus[0].stem or "run")
+            checkpoint.check_new_run(run_dir)
+        created = not run_dir.exists()
+        if resume and created:
+            raise CheckpointError(f"run not found: {run_dir}")
+        checkpoint.make_run_dir(run_dir)
+        try:
+            with RunLock(run_dir) as lock, TrainProgress(stderr) as progress:
+                if lock.stale_holder:
+                    progress.on_status(f"took over a stale lock ({lock.stale_holder} is gone)")
+                if resume:
+                    changes = _resume_changes(ctx, train_config)
+                    run, train_ids, val_ids, snapshot = prepare_resume(
+                        run_dir, corpus or (), encoding, progress, changes
+                    )
+                else:
+                    run, train_ids, val_ids = prepare_run(corpus, config, run_dir, encoding, progress)
+                    snapshot = None
+                progress.chars_per_token = len(run.heldout_text()) / max(val_ids.numel(), 1)
+                with StopRequest() as stop:
+                    result = fit(run, train_ids, val_ids, progress, stop, snapshot)
+        except BaseException:
+            if created:
+                checkpoint.remove_if_empty(run_dir)  # a run that never started leaves nothing behind
+            raise
         best = (
             f"best val bpc {result.best.bpc:.4f} (ppl {result.best.perplexity:.3f})"
             if result.best
             else "no validation yet"
         )
+        skipped = f"; {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""
         stderr.print(
             f"{result.stop_reason}: {result.steps} steps, {result.tokens:,} tokens in "
-            f"{result.elapsed:.0f}s; {best}; run saved in {escape(str(result.run_dir))}",
+            f"{result.elapsed:.0f}s; {best}{skipped}; run saved in {escape(str(result.run_dir))}",
             highlight=False,
             soft_wrap=True,
         )
-        return EXIT_INTERRUPTED if result.stop_reason == "interrupted" else 0
+        return {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}.get(result.stop_reason, 0)
 
     code = _guard(ctx, action)
     if code:
         raise typer.Exit(code)
+
+
+def _resume_changes(ctx: typer.Context, config: TrainConfig) -> dict[str, Any]:
+    """The options typed on this command line, as the config fields they set (for --resume)."""
+    fixed = {"corpus", "out", "resume", "encoding"}
+    given = [
+        name
+        for name in ctx.params
+        if name not in fixed and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+    ]
+    changes: dict[str, Any] = {}
+    for name in given:
+        if name == "save_every":
+            changes.update(save_steps=config.save_steps, save_seconds=config.save_seconds)
+        elif name in {f.name for f in dataclasses.fields(TrainConfig)}:
+            changes[name] = getattr(config, name)
+        else:
+            changes[name] = ctx.params[name]  # a model or tokenizer option: refused with its name
+    return changes
 
 
 def _open(run_path: Path | None, tag: CheckpointTag, device: str) -> tuple[Any, Any]:

@@ -20,6 +20,7 @@ of one window is the right initial state of the next (detached, to truncate the 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,10 +107,23 @@ def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def windows(streams: torch.Tensor, bptt: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive (input, target) windows of ``streams`` (T, B), each (<=bptt, B), target = input
-    shifted one step ahead in time, from row ``start``."""
-    for i in range(start, streams.size(0) - 1, bptt):
-        n = min(bptt, streams.size(0) - 1 - i)
-        yield streams[i : i + n], streams[i + 1 : i + 1 + n]
+    shifted one step ahead in time, from window number ``start``."""
+    for index in range(start, count_windows(streams, bptt)):
+        yield window(streams, index, bptt)
+
+
+def count_windows(streams: torch.Tensor, bptt: int) -> int:
+    """How many BPTT windows one pass over ``streams`` (T, B) has."""
+    return -(-(streams.size(0) - 1) // bptt)  # ceil
+
+
+def window(streams: torch.Tensor, index: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window number ``index`` of ``streams`` (T, B): input rows index*bptt .. +bptt-1, (<=bptt, B),
+    and the target rows one step later. Addressed by number, so a resumed run continues at the
+    exact window it stopped at."""
+    i = index * bptt
+    n = min(bptt, streams.size(0) - 1 - i)
+    return streams[i : i + n], streams[i + 1 : i + 1 + n]
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,7 @@ class Corpus:
     train_ids: torch.Tensor  # (N,)
     val_ids: torch.Tensor  # (M,)
     val_text: str
+    sha256: str  # of the whole corpus text, so a resumed run can tell it is training on the same
 
 
 def prepare_corpus(
@@ -157,9 +172,12 @@ def prepare_corpus(
     min_train_tokens: int,
     encoding: str = "utf-8",
     status: Callable[[str], None] = lambda message: None,
+    tokenizer: Tokenizer | None = None,
 ) -> Corpus:
     """Read the corpus, split off the validation tail, train the tokenizer on the training part
     only (validation characters it never saw fall back to bytes) and encode both parts.
+
+    A resumed run passes its own ``tokenizer``, which is used as it is.
 
     Raises:
         CorpusError: unusable, or too small for the split or for ``min_train_tokens``.
@@ -171,8 +189,9 @@ def prepare_corpus(
         raise CorpusError(
             f"corpus of {len(text)} characters is too small to split off --val-fraction {val_fraction}"
         )
-    status(f"training {tokenizer_config.kind.value} tokenizer on {len(train_text):,} characters")
-    tokenizer = train_tokenizer(train_text, tokenizer_config)
+    if tokenizer is None:
+        status(f"training {tokenizer_config.kind.value} tokenizer on {len(train_text):,} characters")
+        tokenizer = train_tokenizer(train_text, tokenizer_config)
     status("encoding corpus")
     train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
     if train_ids.numel() < min_train_tokens:
@@ -181,7 +200,8 @@ def prepare_corpus(
             "for the batch layout; use a larger corpus or a smaller --batch-size"
         )
     val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
-    return Corpus(tokenizer, train_ids, val_ids, val_text)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return Corpus(tokenizer, train_ids, val_ids, val_text, digest)
 
 
 if __name__ == "__main__":  # `python -m charlm.data FILE` writes the built-in corpus (make demo)

@@ -35,6 +35,10 @@ class CheckpointError(CharlmError):
     """A run directory or checkpoint that is missing, damaged or incompatible."""
 
 
+class TrainingError(CharlmError):
+    """Training cannot go on (it diverged beyond recovery)."""
+
+
 class DeviceError(CharlmError):
     """A device was asked for that this machine does not have."""
 

@@ -55,13 +55,13 @@ class TrainProgress:
         self._task = self._progress.add_task("train", total=1.0, start=False, epoch="-", step=0)
 
     def __enter__(self) -> TrainProgress:
-        self._progress.start()
-        return self
+        return self  # the bar appears with the first step: a run refused before it shows none
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._progress.stop()
+        if self._progress.live.is_started:
+            self._progress.stop()
 
     def on_status(self, message: str) -> None:
         """A phase of the run (tokenizer, encoding, model size)."""
@@ -69,6 +69,7 @@ class TrainProgress:
 
     def on_step(self, report: StepReport) -> None:
         """Update the bar from a :class:`charlm.train.StepReport`."""
+        self._progress.start()  # a no-op once started
         self._progress.start_task(self._task)
         self._progress.update(
             self._task, completed=report.fraction, epoch=f"{report.epoch}/{report.epochs}", step=report.step

@@ -1,6 +1,6 @@
-"""The training loop: teacher forcing, truncated BPTT, clipped SGD (or Adam), LR annealing on
-plateau, periodic validation, best and latest checkpoints. It knows nothing of the terminal: it
-reports through :class:`Callbacks`."""
+"""The training loop: teacher forcing, truncated BPTT, clipped Adam (or SGD), LR annealing on
+plateau, periodic validation, best and latest checkpoints, exact resume, and recovery from
+non-finite steps. It knows nothing of the terminal: it reports through :class:`Callbacks`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,12 +17,22 @@ from torch import nn
 from torch.nn import functional as F
 
 from charlm import checkpoint
-from charlm.checkpoint import Run
+from charlm.checkpoint import Run, Snapshot
 from charlm.config import OptimizerKind, RunConfig, TrainConfig
-from charlm.data import batchify, prepare_corpus, windows
+from charlm.data import batchify, count_windows, prepare_corpus, window
 from charlm.device import resolve_device
+from charlm.errors import CheckpointError, ConfigError, CorpusError, TrainingError
 from charlm.evaluate import EvalResult, evaluate
 from charlm.model import RNNLM, Hidden, count_parameters, detach_hidden
+from charlm.stopping import StopRequest
+
+# Non-finite steps: this many in a row restore the last good state, with the learning rate times
+# RECOVERY_LR; after MAX_RECOVERIES restores without a good checkpoint in between, give up.
+MAX_BAD_STEPS = 3
+RECOVERY_LR = 0.5
+MAX_RECOVERIES = 5
+# Options that may change when a run is resumed (they do not change what was learned so far).
+RESUMABLE_CHANGES = ("epochs", "max_steps", "max_time", "eval_every", "save_steps", "save_seconds", "device")
 
 
 @dataclass(frozen=True)
@@ -70,9 +80,10 @@ class TrainResult:
     steps: int
     tokens: int
     elapsed: float
-    stop_reason: str  # "epochs", "max_steps", "max_time" or "interrupted"
+    stop_reason: str  # "epochs", "max_steps", "max_time", "interrupted" (SIGINT) or "terminated"
     best: EvalResult | None
     parameters: int
+    skipped_steps: int = 0
 
 
 def prepare_run(
@@ -106,8 +117,75 @@ def prepare_run(
         model=dataclasses.replace(config.model, vocab_size=corpus.tokenizer.vocab_size),
         corpus=tuple(str(p) for p in paths),
     )
-    run = checkpoint.create_run(out, config, corpus.tokenizer, corpus.val_text)
+    run = checkpoint.create_run(out, config, corpus.tokenizer, corpus.val_text, corpus.sha256)
     return run, corpus.train_ids, corpus.val_ids
+
+
+def prepare_resume(
+    run_dir: Path,
+    paths: Sequence[Path] = (),
+    encoding: str = "utf-8",
+    callbacks: Callbacks | None = None,
+    changes: dict[str, Any] | None = None,
+) -> tuple[Run, torch.Tensor, torch.Tensor, Snapshot | None]:
+    """Reopen a run to continue it: the same corpus (checked by checksum), its own tokenizer, and
+    the newest checkpoint that verifies (falling back, and saying so, past damaged ones).
+
+    ``changes`` may set the options in :data:`RESUMABLE_CHANGES` (a longer run, say); they are
+    recorded in ``run.json``.
+
+    Returns:
+        The run, training ids (N,), validation ids (M,), and the snapshot to resume from (None if
+        the run stopped before its first checkpoint: it starts again from step 0).
+
+    Raises:
+        CheckpointError: not a run, damaged beyond its checkpoints, or no checkpoint verifies.
+        CorpusError: the corpus is not the text the run was trained on.
+        ConfigError: ``changes`` touches an option that cannot change mid-run.
+    """
+    cb = callbacks or SilentCallbacks()
+    run = checkpoint.load_run(run_dir)
+    if changes:
+        fixed = sorted(set(changes) - set(RESUMABLE_CHANGES))
+        if fixed:
+            raise ConfigError(
+                f"--{fixed[0].replace('_', '-')} cannot change when resuming; only "
+                + ", ".join(
+                    "--" + n.replace("_", "-") for n in RESUMABLE_CHANGES if not n.startswith("save_")
+                )
+                + " and --save-every can"
+            )
+        run = checkpoint.update_config(
+            run, dataclasses.replace(run.config, train=dataclasses.replace(run.config.train, **changes))
+        )
+    tc = run.config.train
+    sources = list(paths) or [Path(p) for p in run.config.corpus]
+    corpus = prepare_corpus(
+        sources,
+        run.config.tokenizer,
+        tc.val_fraction,
+        2 * tc.batch_size,
+        encoding,
+        cb.on_status,
+        run.tokenizer,
+    )
+    if run.corpus_sha256 is not None and corpus.sha256 != run.corpus_sha256:
+        raise CorpusError(
+            f"{', '.join(map(str, sources))}: not the text {run.path} was trained on (its checksum differs); "
+            "resume needs the same corpus"
+        )
+    checkpoint.remove_unfinished_saves(run.path)
+    snapshot, problems = checkpoint.newest_intact(run)
+    for problem in problems:
+        cb.on_status(f"skipping a damaged checkpoint: {problem}")
+    if snapshot is None and problems:
+        raise CheckpointError(f"{run.path}: no intact checkpoint to resume from")
+    step = snapshot.state["step"] if snapshot else 0
+    checkpoint.truncate_metrics(run, step)
+    cb.on_status(
+        f"resuming {run.path} from step {step}" if snapshot else "no checkpoint yet: starting at step 0"
+    )
+    return run, corpus.train_ids, corpus.val_ids, snapshot
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -124,24 +202,29 @@ def train_step(
     y: torch.Tensor,
     hidden: Hidden,
     clip: float,
-) -> tuple[torch.Tensor, torch.Tensor, Hidden]:
-    """One teacher-forced TBPTT update on a window.
+) -> tuple[torch.Tensor, torch.Tensor, Hidden, bool]:
+    """One teacher-forced TBPTT update on a window, unless the loss or the gradient is not finite:
+    then the weights and the optimizer are left untouched.
 
     Args:
         x, y: (T, B) inputs and targets (y is x one step ahead).
         hidden: the state carried from the previous window, already detached.
 
     Returns:
-        The mean loss and the gradient norm before clipping (as tensors, to avoid a device sync)
-        and the new hidden state.
+        The mean loss, the gradient norm before clipping, the new hidden state, and whether the
+        update was applied.
     """
-    logits, hidden = model(x, hidden)  # (T, B, V)
+    logits, new_hidden = model(x, hidden)  # (T, B, V)
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)  # global norm
-    optimizer.step()
-    return loss.detach(), grad_norm.detach(), hidden
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)  # global norm, NaN if any is
+    finite = bool(torch.isfinite(loss.detach() + grad_norm))  # one sync a step: the price of safety
+    if finite:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm.detach(), new_hidden, finite
 
 
 def lr_scale(fraction: float, decay: float) -> float:
@@ -157,14 +240,15 @@ def lr_scale(fraction: float, decay: float) -> float:
 
 
 class _Clock:
-    """Wall time, throughput since the last report, and the fraction of the run done."""
+    """Training time (carried across resumes), throughput since the last report, and the
+    fraction of the run done."""
 
-    def __init__(self, config: TrainConfig, steps_per_epoch: int) -> None:
-        self.start = time.monotonic()
+    def __init__(self, config: TrainConfig, steps_per_epoch: int, elapsed: float = 0.0) -> None:
+        self.start = time.monotonic() - elapsed
         self.config = config
         limit = config.epochs * steps_per_epoch
-        self.total_steps = min(limit, config.max_steps) if config.max_steps else limit
-        self._mark = (self.start, 0)
+        self.total_steps = max(1, min(limit, config.max_steps) if config.max_steps else limit)
+        self._mark = (time.monotonic(), -1)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -178,7 +262,7 @@ class _Clock:
     def rate(self, tokens: int) -> float:
         now, (then, before) = time.monotonic(), self._mark
         self._mark = (now, tokens)
-        return (tokens - before) / max(now - then, 1e-9)
+        return 0.0 if before < 0 else (tokens - before) / max(now - then, 1e-9)
 
     def out_of_time(self) -> bool:
         return self.config.max_time is not None and self.elapsed() >= self.config.max_time
@@ -186,116 +270,199 @@ class _Clock:
 
 @dataclass
 class TrainingProgress:
-    """Where a run stands: what a checkpoint's ``state.json`` records."""
+    """Where a run stands: the plain part of a checkpoint (``state.json``). With the weights, the
+    optimizer's tensors, the carried hidden state and the random generator states, it is
+    everything the next step depends on, which is what makes resume exact."""
 
     step: int = 0
     epoch: int = 1  # 1-based, the epoch in progress
+    window: int = 0  # the next window of the epoch
     tokens: int = 0
     best_loss: float = math.inf
+    best: dict[str, Any] | None = None  # the EvalResult of the best validation
+    plateau_scale: float = 1.0  # times ``anneal`` for each validation that did not improve
+    recovery_scale: float = 1.0  # times RECOVERY_LR for each restore after non-finite steps
+    skipped_steps: int = 0  # non-finite steps, never applied
+    recoveries: int = 0  # restores since the last checkpoint
+    elapsed: float = 0.0  # training seconds so far, across resumes
+    validated_at: int | None = None
+    loss_sum: float = 0.0  # training loss summed since the last validation ...
+    loss_steps: int = 0  # ... over this many steps
+    grad_norm: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # informational: val loss, lr, interrupted
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data for ``state.json`` (strict JSON: no best loss yet is null, not Infinity)."""
-        return {
-            **dataclasses.asdict(self),
-            "best_loss": self.best_loss if self.best_loss < math.inf else None,
-        }
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        data["best_loss"] = self.best_loss if self.best_loss < math.inf else None
+        return {**data, **self.extra}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> TrainingProgress:
+        """Inverse of :meth:`state_dict`.
+
+        Raises:
+            CheckpointError: a field is missing or of the wrong kind.
+        """
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        try:
+            progress = cls(**{k: v for k, v in state.items() if k in names})
+            progress.best_loss = math.inf if progress.best_loss is None else float(progress.best_loss)
+            int(progress.step), int(progress.epoch), int(progress.window), float(progress.loss_sum)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint state is damaged: {exc}") from exc
+        return progress
 
 
 class Trainer:
     """One run's model, optimizer, schedule and data, and the loop that trains them.
 
-    Validation runs every ``eval_every`` steps and at the end; an improvement saves ``best``, every
-    validation saves ``latest``, and a plateau multiplies the learning rate by ``anneal``.
+    Validation runs every ``eval_every`` steps, at every epoch end and at the end; an improvement
+    saves ``best``, every validation (and every ``--save-every``) saves ``latest``, and a plateau
+    multiplies the learning rate by ``anneal``. A SIGINT or SIGTERM (through ``stop``) saves
+    ``latest`` at the next step boundary.
     """
 
     def __init__(
-        self, run: Run, train_ids: torch.Tensor, val_ids: torch.Tensor, callbacks: Callbacks
+        self,
+        run: Run,
+        train_ids: torch.Tensor,
+        val_ids: torch.Tensor,
+        callbacks: Callbacks,
+        stop: StopRequest | None = None,
+        resume: Snapshot | None = None,
     ) -> None:
         self.run, self.val_ids, self.cb = run, val_ids, callbacks
+        self.stop = stop or StopRequest()
         self.config = tc = run.config.train
         self.device = resolve_device(tc.device)
         torch.manual_seed(tc.seed)
         self.model = RNNLM(run.config.model).to(self.device)
         self.optimizer = build_optimizer(self.model, tc)
-        self.plateau_scale = 1.0  # times ``anneal`` for each validation that did not improve
         self.streams = batchify(train_ids, tc.batch_size).to(self.device)  # (T, B)
-        self.steps_per_epoch = math.ceil((self.streams.size(0) - 1) / tc.bptt)
+        self.steps_per_epoch = count_windows(self.streams, tc.bptt)
         self.val_chars = len(run.heldout_text())
         self.progress = TrainingProgress()
-        self.best: EvalResult | None = None
-        self._validated_at: int | None = None
-        self.clock = _Clock(tc, self.steps_per_epoch)
-        self._loss_sum = torch.zeros((), device=self.device)  # since the last validation
-        self._loss_steps = 0
-        self._grad_norm = torch.zeros((), device=self.device)
+        self.hidden = self.model.init_hidden(tc.batch_size)
+        self.resumed_from = None
+        if resume is not None:
+            self._restore(resume)
+            self.resumed_from = self.progress.step
+        self.clock = _Clock(tc, self.steps_per_epoch, self.progress.elapsed)
+        self._loss_sum = torch.tensor(self.progress.loss_sum, device=self.device)  # since the last validation
+        self._grad_norm = torch.tensor(self.progress.grad_norm)
+        self._good = self._snapshot()  # the state a run of non-finite steps goes back to
+        self._saved_at = (self.progress.step, self.clock.elapsed())
+        self._bad_in_row = 0
 
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def fit(self) -> TrainResult:
-        """Train until a stop condition; Ctrl-C saves ``latest`` and ends with "interrupted"."""
-        p, tc = self.progress, self.config
+        """Train until a stop condition or a stop request."""
+        p = self.progress
+        where = f" from step {p.step}" if self.resumed_from is not None else ""
         self.cb.on_status(
-            f"training {count_parameters(self.model):,} parameters on {self.device.type}: "
+            f"training {count_parameters(self.model):,} parameters on {self.device.type}{where}: "
             f"{self.streams.numel():,} tokens, {self.steps_per_epoch} steps per epoch"
         )
-        stop = None
-        try:
-            while stop is None:
-                stop = self._epoch() or ("epochs" if p.epoch >= tc.epochs else None)
-                p.epoch += stop is None
+        stop = self._loop()
+        if stop in ("interrupted", "terminated"):
+            self._checkpoint((checkpoint.LATEST,), interrupted=True)
+        else:
             self._validate()
-        except KeyboardInterrupt:
-            stop = "interrupted"
-            state = {**p.state_dict(), "interrupted": True}
-            checkpoint.save_checkpoint(self.run, checkpoint.LATEST, self.model, state)
+        best = EvalResult(**p.best) if p.best else None
         return TrainResult(
-            self.run.path,
-            p.step,
-            p.tokens,
-            self.clock.elapsed(),
-            stop,
-            self.best,
-            count_parameters(self.model),
-        )
+            self.run.path, p.step, p.tokens, self.clock.elapsed(), stop, best,
+            count_parameters(self.model), p.skipped_steps,
+        )  # fmt: skip
 
-    def _epoch(self) -> str | None:
-        """One pass over the streams, the hidden state carried between windows; returns a stop
-        reason if a step or time limit ended it early."""
+    def _loop(self) -> str:
+        """Step through the windows from where the run stands; returns why it stopped."""
         p, tc = self.progress, self.config
-        hidden = self.model.init_hidden(tc.batch_size)
-        for x, y in windows(self.streams, tc.bptt):
-            loss, self._grad_norm, hidden = train_step(
-                self.model, self.optimizer, x, y, hidden, tc.effective_clip
-            )
-            hidden = detach_hidden(hidden)
-            p.step, p.tokens = p.step + 1, p.tokens + x.numel()
-            self._set_lr()
-            self._loss_sum, self._loss_steps = self._loss_sum + loss, self._loss_steps + 1
-            if p.step % 10 == 0 or p.step == 1:
-                self._report(loss)
-            if p.step % tc.eval_every == 0:
-                self._validate()
+        while True:
+            if p.window >= self.steps_per_epoch:
+                self._validate()  # at least once an epoch, however small the corpus
+                if p.epoch >= tc.epochs:
+                    return "epochs"
+                p.epoch, p.window = p.epoch + 1, 0
+                self.hidden = self.model.init_hidden(tc.batch_size)
             if tc.max_steps is not None and p.step >= tc.max_steps:
                 return "max_steps"
+            self._step(*window(self.streams, p.window, tc.bptt))
+            if p.step % tc.eval_every == 0:
+                self._validate()
+            elif self._save_due():
+                self._checkpoint((checkpoint.LATEST,))
+            if self.stop.requested:
+                return self.stop.reason
             if self.clock.out_of_time():
                 return "max_time"
-        self._validate()  # at least once an epoch, however small the corpus
-        return None
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Train on one window (T, B); a non-finite step is skipped, and a run of them restores
+        the last good state with a lower learning rate."""
+        p, tc = self.progress, self.config
+        self._set_lr()
+        loss, grad_norm, hidden, applied = train_step(
+            self.model, self.optimizer, x, y, self.hidden, tc.effective_clip
+        )
+        p.step, p.window, p.tokens = p.step + 1, p.window + 1, p.tokens + x.numel()
+        if applied:
+            self.hidden = detach_hidden(hidden)
+            self._loss_sum, p.loss_steps = self._loss_sum + loss, p.loss_steps + 1
+            self._grad_norm = grad_norm
+            self._bad_in_row = 0
+        else:  # the carried state stays that of the last good step
+            p.skipped_steps += 1
+            self._bad_in_row += 1
+            self.cb.on_status(
+                f"step {p.step}: the loss or the gradient is not finite; step skipped "
+                f"({p.skipped_steps} skipped in this run)"
+            )
+            if self._bad_in_row >= MAX_BAD_STEPS:
+                self._recover(f"{MAX_BAD_STEPS} steps in a row were not finite")
+                return
+        if p.step % 10 == 0 or p.step == 1:
+            self._report(loss)
+
+    def _recover(self, why: str) -> None:
+        """Go back to the last good state and lower the learning rate.
+
+        Raises:
+            TrainingError: it keeps failing.
+        """
+        p = self.progress
+        skipped, recoveries = p.skipped_steps, p.recoveries + 1
+        if recoveries > MAX_RECOVERIES:
+            raise TrainingError(
+                f"training diverged: {why} after {MAX_RECOVERIES} restores; the last good checkpoint "
+                f"is in {self.run.path}; try a lower --lr or --clip"
+            )
+        self._restore(self._good)
+        p.skipped_steps, p.recoveries = skipped, recoveries
+        p.recovery_scale *= RECOVERY_LR
+        self._bad_in_row = 0
+        self.cb.on_status(
+            f"{why}: restored the state of step {p.step} and multiplied the learning rate by "
+            f"{p.recovery_scale:g}"
+        )
 
     def _set_lr(self) -> None:
-        """Peak LR x plateau annealing x the final decay of a run whose end is known."""
-        scale = lr_scale(self.clock.fraction(self.progress.step), self.config.decay)
+        """Peak LR x plateau annealing x recovery x the final decay of a run whose end is known,
+        from the state before the step (so a resumed run sets the same value)."""
+        p = self.progress
+        scale = lr_scale(self.clock.fraction(p.step), self.config.decay)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.effective_lr * self.plateau_scale * scale
+            group["lr"] = self.config.effective_lr * p.plateau_scale * p.recovery_scale * scale
 
     def _report(self, loss: torch.Tensor) -> None:
         p, clock = self.progress, self.clock
         self.cb.on_step(
             StepReport(
                 step=p.step, epoch=p.epoch, epochs=self.config.epochs, tokens=p.tokens, loss=loss.item(),
-                lr=self.lr, grad_norm=self._grad_norm.item(), tokens_per_sec=clock.rate(p.tokens),
+                lr=self.lr, grad_norm=float(self._grad_norm), tokens_per_sec=clock.rate(p.tokens),
                 elapsed=clock.elapsed(), fraction=clock.fraction(p.step),
             )
         )  # fmt: skip
@@ -303,31 +470,130 @@ class Trainer:
     def _validate(self) -> None:
         """Score the held-out split, log it, checkpoint, and let the schedule react (once a step)."""
         p = self.progress
-        if self._validated_at == p.step:
+        if p.validated_at == p.step:
             return
-        self._validated_at = p.step
+        if not self._weights_finite():
+            self._recover("the weights are not finite")
+            return
+        p.validated_at = p.step
         result = evaluate(self.model, self.val_ids, self.val_chars, self.run.tokenizer.newline_id)
         record = {
             "step": p.step, "epoch": p.epoch, "tokens": p.tokens,
-            "train_loss": (self._loss_sum / max(self._loss_steps, 1)).item(),
+            "train_loss": (self._loss_sum / max(p.loss_steps, 1)).item(),
             "val_loss": result.loss, "val_ppl": result.perplexity, "val_bpc": result.bpc,
-            "lr": self.lr, "grad_norm": self._grad_norm.item(),
+            "lr": self.lr, "grad_norm": float(self._grad_norm), "skipped_steps": p.skipped_steps,
             "tokens_per_sec": p.tokens / max(self.clock.elapsed(), 1e-9), "elapsed": self.clock.elapsed(),
         }  # fmt: skip
-        self._loss_sum, self._loss_steps = torch.zeros((), device=self.device), 0
-        checkpoint.append_metrics(self.run, record)
-        state = {**p.state_dict(), "val_loss": result.loss, "val_bpc": result.bpc, "lr": self.lr}
+        self._loss_sum, p.loss_steps = torch.zeros((), device=self.device), 0
+        tags = [checkpoint.LATEST]
         if result.loss < p.best_loss:
-            p.best_loss, self.best = result.loss, result
-            checkpoint.save_checkpoint(self.run, checkpoint.BEST, self.model, state)
+            p.best_loss, p.best = result.loss, result.to_dict()
+            tags.insert(0, checkpoint.BEST)
         else:  # validation stopped improving: anneal
-            self.plateau_scale *= self.config.anneal
-        checkpoint.save_checkpoint(self.run, checkpoint.LATEST, self.model, state)
+            p.plateau_scale *= self.config.anneal
+        p.extra = {"val_loss": result.loss, "val_bpc": result.bpc}
+        checkpoint.append_metrics(self.run, record)  # first: a resume drops records past its step
+        self._checkpoint(tags)
         self.cb.on_eval(record)
+
+    def _save_due(self) -> bool:
+        tc, (step, at) = self.config, self._saved_at
+        if tc.save_steps is not None and self.progress.step - step >= tc.save_steps:
+            return True
+        return tc.save_seconds is not None and self.clock.elapsed() - at >= tc.save_seconds
+
+    def _weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.model.parameters())
+
+    def _checkpoint(self, tags: Sequence[str], interrupted: bool = False) -> None:
+        """Save the current state under ``tags``, unless the weights are not finite (then go
+        back to the last good state instead: nothing non-finite reaches the disk)."""
+        if not self._weights_finite():
+            self._recover("the weights are not finite")
+            return
+        p = self.progress
+        p.recoveries = 0
+        if interrupted:
+            p.extra = {**p.extra, "interrupted": True}
+        snapshot = self._snapshot()
+        for tag in tags:
+            checkpoint.save_checkpoint(self.run, tag, snapshot)
+        self._good, self._saved_at = snapshot, (p.step, self.clock.elapsed())
+        p.extra.pop("interrupted", None)
+
+    def _snapshot(self) -> Snapshot:
+        """A deep copy of everything the next step depends on."""
+        p = self.progress
+        p.elapsed, p.loss_sum, p.grad_norm = (
+            self.clock.elapsed(),
+            float(self._loss_sum),
+            float(self._grad_norm),
+        )
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        trainer: dict[str, torch.Tensor] = {}
+        opt = self.optimizer.state_dict()
+        plain: dict[str, dict[str, Any]] = {}
+        for index, entry in opt["state"].items():
+            for name, value in entry.items():
+                if torch.is_tensor(value):
+                    trainer[f"optimizer.{index}.{name}"] = value.detach().clone()
+                else:
+                    plain.setdefault(str(index), {})[name] = value
+        hidden = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
+        for i, h in enumerate(hidden):
+            trainer[f"hidden.{i}"] = h.detach().clone()
+        trainer["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            trainer["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {
+            **p.state_dict(),
+            "optimizer": {"param_groups": opt["param_groups"], "state": plain},
+        }
+        return Snapshot(weights, trainer, state)
+
+    def _restore(self, snapshot: Snapshot) -> None:
+        """Put the model, optimizer, data position, hidden state and random generators back to
+        ``snapshot`` (copies: the snapshot stays as it was).
+
+        Raises:
+            CheckpointError: the snapshot does not fit this run.
+        """
+        source = self.run.path / checkpoint.LATEST
+        checkpoint.load_weights(self.model, snapshot.weights, source / checkpoint.WEIGHTS_FILE)
+        restored = TrainingProgress.from_state(snapshot.state)
+        for f in dataclasses.fields(restored):  # in place: the loop holds this object
+            setattr(self.progress, f.name, getattr(restored, f.name))
+        t = snapshot.trainer
+        try:
+            saved = snapshot.state["optimizer"]
+            state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in saved["state"].items()}
+            for key, value in t.items():
+                if key.startswith("optimizer."):
+                    _, index, name = key.split(".", 2)
+                    state.setdefault(int(index), {})[name] = value.clone()
+            self.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+            n = 2 if isinstance(self.hidden, tuple) else 1
+            hidden = tuple(t[f"hidden.{i}"].clone().to(self.device) for i in range(n))
+            if hidden[0].shape != self.model.init_hidden(self.config.batch_size)[0].shape and n == 2:
+                raise ValueError("hidden state of another shape")
+            self.hidden = hidden if n == 2 else hidden[0]
+            torch.set_rng_state(t["rng.cpu"].clone())
+            if self.device.type == "cuda" and "rng.cuda" in t:
+                torch.cuda.set_rng_state(t["rng.cuda"].clone(), self.device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{source} does not fit this run: {exc}") from exc
+        self._loss_sum = torch.tensor(self.progress.loss_sum, device=self.device)
+        self._grad_norm = torch.tensor(self.progress.grad_norm)
 
 
 def fit(
-    run: Run, train_ids: torch.Tensor, val_ids: torch.Tensor, callbacks: Callbacks | None = None
+    run: Run,
+    train_ids: torch.Tensor,
+    val_ids: torch.Tensor,
+    callbacks: Callbacks | None = None,
+    stop: StopRequest | None = None,
+    resume: Snapshot | None = None,
 ) -> TrainResult:
-    """Train the run's model on ``train_ids`` (N,), validating on ``val_ids`` (see :class:`Trainer`)."""
-    return Trainer(run, train_ids, val_ids, callbacks or SilentCallbacks()).fit()
+    """Train the run's model on ``train_ids`` (N,), validating on ``val_ids`` (see :class:`Trainer`);
+    ``resume`` continues from a checkpoint exactly where it stood."""
+    return Trainer(run, train_ids, val_ids, callbacks or SilentCallbacks(), stop, resume).fit()

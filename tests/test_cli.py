@@ -184,15 +184,91 @@ def test_eval_table_and_other_data(trained_run: Path, tmp_path: Path) -> None:
         (["eval", "notes[v2]"], 1, "notes[v2]"),  # no rich markup eaten
         (["sample", "--checkpoint", "worst"], 2, "worst"),
         (["train", "CORPUS", "--device", "cuda:7"], 2, "cuda"),
+        (["train", "CORPUS", "--embed", "0"], 2, "--embed"),
+        (["train", "CORPUS", "--layers", "-1"], 2, "--layers"),
+        (["train", "CORPUS", "--batch-size", "0"], 2, "--batch-size"),
+        (["train", "CORPUS", "--bptt", "-3"], 2, "--bptt"),
+        (["train", "CORPUS", "--dropout", "-0.1"], 2, "--dropout"),
+        (["train", "CORPUS", "--val-fraction", "0"], 2, "--val-fraction"),
+        (["train", "CORPUS", "--tokenizer", "wordpiece"], 2, "wordpiece"),
+        (["train", "CORPUS", "--save-every", "often"], 2, "--save-every"),
+        (["train", "CORPUS", "--save-every", "0"], 2, "--save-every"),
+        (["train"], 2, "give a corpus"),
+        (["train", "--resume", "--out", "nowhere"], 1, "run not found"),
+        (["train", "CORPUS", "--out", "CORPUS/run"], 1, "cannot create run directory"),
+        (["train", "DIR"], 1, "is a directory"),
+        (["train", "EMPTY"], 1, "corpus is empty"),
+        (["train", "BLANK"], 1, "whitespace only"),
+        (["train", "BINARY"], 1, "NUL byte at offset 4"),
+        (["train", "LATIN1"], 1, "byte 0xe9 at offset 9"),
+        (["train", "LATIN1"], 1, "--encoding"),
+        (["train", "SMALL"], 1, "too small"),
+        (["eval", "DIR"], 1, "is not a charlm run"),
+        (["sample", "--device", "cuda"], 2, "cuda"),
     ],
 )
 def test_user_mistakes_get_one_line_and_an_exit_code(
     in_tmp: Path, corpus: Path, args: list[str], code: int, message: str
 ) -> None:
-    result = invoke(*[str(corpus) if a == "CORPUS" else a for a in args])
+    (in_tmp / "dir").mkdir()
+    files = {
+        "EMPTY": b"",
+        "BLANK": b" \n\t\n",
+        "BINARY": b"text\0more",
+        "LATIN1": ("text: caf\xe9\n" * 3).encode("latin-1"),
+        "SMALL": b"just a few words\n",
+    }
+    for name, data in files.items():
+        (in_tmp / name.lower()).write_bytes(data)
+    paths = {"CORPUS": str(corpus), "DIR": str(in_tmp / "dir"), "CORPUS/run": f"{corpus}/run"}
+    paths.update({name: str(in_tmp / name.lower()) for name in files})
+    corpus_before = corpus.read_bytes()
+    result = invoke(*[paths.get(a, a) for a in args])
     assert result.exit_code == code, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+    if not result.output.startswith("Usage:"):  # the parser's own errors come with the usage line
+        lines = result.output.strip().splitlines()  # status lines, if any, then the error
+        assert lines[-1].startswith("error: ") and sum("error" in line for line in lines) == 1, lines
+        assert "" not in lines, lines
+    assert corpus.read_bytes() == corpus_before  # nothing that existed is damaged
+
+
+def test_an_unreadable_corpus(in_tmp: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Path.read_bytes
+
+    def deny(self: Path) -> bytes:
+        if self == corpus:
+            raise PermissionError(13, "Permission denied")  # chmod 000 does not stop root, so simulate
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", deny)
+    result = invoke("train", corpus, *TINY_MODEL)
+    assert (
+        result.exit_code == 1
+        and "cannot read corpus" in result.output
+        and "Permission denied" in result.output
+    )
+
+
+def test_an_output_directory_that_cannot_be_written(in_tmp: Path, corpus: Path) -> None:
+    """A read-only file system or a full disk at the first write: one line, exit 1."""
+    readonly = in_tmp / "ro"
+    readonly.mkdir()
+    (readonly / "keep.txt").write_text("mine")
+    import os
+
+    if os.geteuid() == 0:  # root writes anywhere; stand a file where the run's first file goes
+        (readonly / "run").mkdir()
+        (readonly / "run" / "tokenizer.model").mkdir()
+        (readonly / "run" / ".tokenizer.model.tmp").mkdir()
+    else:
+        (readonly / "run").mkdir()
+        (readonly / "run").chmod(0o500)
+    result = invoke("train", corpus, "--out", readonly / "run", "--max-steps", "2", *TINY_MODEL)
+    assert result.exit_code == 1, result.output
+    assert "cannot" in result.output and "Traceback" not in result.output
+    assert (readonly / "keep.txt").read_text() == "mine"
 
 
 def test_help_is_fast_because_it_does_not_import_torch() -> None:

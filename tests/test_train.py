@@ -55,7 +55,8 @@ def test_clipping_bounds_the_update_and_reports_the_raw_norm() -> None:
     with torch.no_grad():
         model.decoder.weight.mul_(1000)  # a huge gradient
     before = [p.detach().clone() for p in model.parameters()]
-    _, norm, _ = train_step(model, opt, x, x, None, clip=0.1)
+    _, norm, _, applied = train_step(model, opt, x, x, None, clip=0.1)
+    assert applied
     step = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True)))
     assert norm > 0.1
     assert step <= 0.1 + 1e-5  # SGD with lr 1 moves by exactly the clipped gradient
@@ -109,9 +110,9 @@ def test_trainer_carries_the_hidden_state_between_windows(
     real_step = module.train_step
 
     def spy(model, optimizer, x, y, hidden, clip):  # type: ignore[no-untyped-def]
-        loss, norm, new_hidden = real_step(model, optimizer, x, y, hidden, clip)
+        loss, norm, new_hidden, applied = real_step(model, optimizer, x, y, hidden, clip)
         calls.append((hidden, new_hidden))
-        return loss, norm, new_hidden
+        return loss, norm, new_hidden, applied
 
     monkeypatch.setattr(module, "train_step", spy)
     cfg = config(epochs=2, batch_size=32, bptt=64, eval_every=1000)

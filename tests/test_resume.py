@@ -1,0 +1,140 @@
+"""Exact resume: a run killed (SIGKILL, SIGTERM, SIGINT) and resumed ends bit-identical to one that
+never stopped; signals exit 130/143; one trainer per run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from charlm.lock import RunLock
+from tests.conftest import TINY_MODEL, invoke
+
+# Saves every 3 steps, validates every 20: kills land before, between and during saves.
+RUN = ["--max-steps", "150", "--eval-every", "20", "--save-every", "3", *TINY_MODEL]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every process
+
+
+def train(*args: str | Path) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "charlm", "train", *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def saved_step(run: Path) -> int:
+    try:
+        return json.loads((run / "latest" / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def wait_for_step(proc: subprocess.Popen[str], run: Path, step: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while saved_step(run) < step and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.01)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "latest" / "model.safetensors"), load_file(b / "latest" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert wa[name].equal(wb[name]), name  # bit-identical, not close
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -> tuple[Path, Path]:
+    """A corpus and the run trained on it without a stop."""
+    root = tmp_path_factory.mktemp("reference")
+    corpus = root / "tiny.txt"
+    corpus.write_text(corpus_text, encoding="utf-8")
+    proc = train(corpus, "--out", root / "run", *RUN)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return corpus, root / "run"
+
+
+def test_sigkill_and_resume_is_bit_identical(reference: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus, uninterrupted = reference
+    run = tmp_path / "run"
+    proc = train(corpus, "--out", run, *RUN)
+    for step in (10, 40, 75, 110):  # kill as soon as a checkpoint past `step` is on disk
+        wait_for_step(proc, run, step)
+        proc.kill()
+        proc.wait()
+        proc = train("--resume", "--out", run)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "resuming" in err and "Traceback" not in err
+    assert_same_weights(uninterrupted, run)
+    # the log reads as if the run had never stopped
+    assert (run / "metrics.jsonl").read_text().count("\n") == (
+        uninterrupted / "metrics.jsonl"
+    ).read_text().count("\n")
+    strip = [{k: v for k, v in json.loads(line).items() if not k.startswith(("tokens_per", "elapsed"))}
+             for line in (run / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    expected = [{k: v for k, v in json.loads(line).items() if not k.startswith(("tokens_per", "elapsed"))}
+                for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert strip == expected
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signals_save_and_exit_with_128_plus_signal(
+    reference: tuple[Path, Path], tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
+    corpus, uninterrupted = reference
+    run = tmp_path / "run"
+    proc = train(corpus, "--out", run, *RUN)
+    wait_for_step(proc, run, 30)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    state = json.loads((run / "latest" / "state.json").read_text())
+    assert state["interrupted"] and state["step"] >= 30
+    assert not (run / ".lock").exists()  # released on the way out
+    resumed = train("--resume", "--out", run)
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert_same_weights(uninterrupted, run)
+
+
+def test_a_second_trainer_on_the_same_run_is_refused(trained_run: Path, tmp_path: Path) -> None:
+    with RunLock(trained_run):
+        result = invoke("train", "--resume", "--out", trained_run)
+    assert result.exit_code == 1
+    assert "in use by another charlm train" in result.output and f"pid {os.getpid()}" in result.output
+
+
+def test_a_stale_lock_is_taken_over(reference: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus, _ = reference
+    run = tmp_path / "run"
+    result = invoke("train", corpus, "--out", run, "--max-steps", "4", *TINY_MODEL)
+    assert result.exit_code == 0, result.output
+    (run / ".lock").write_text("pid 999999 on elsewhere\n")  # left by a process killed with SIGKILL
+    result = invoke("train", "--resume", "--out", run, "--max-steps", "8")
+    assert result.exit_code == 0, result.output
+    assert "stale lock" in result.output
+    assert json.loads((run / "latest" / "state.json").read_text())["step"] == 8
+
+
+def test_resume_refuses_another_corpus_and_model_changes(trained_run: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text("a different text\n" * 500)
+    result = invoke("train", other, "--resume", "--out", trained_run)
+    assert result.exit_code == 1 and "not the text" in result.output
+    result = invoke("train", "--resume", "--out", trained_run, "--hidden", "64")
+    assert result.exit_code == 2 and "--hidden cannot change" in result.output
+
+
+def test_running_into_an_existing_run_without_resume_is_refused(trained_run: Path, corpus: Path) -> None:
+    before = (trained_run / "latest" / "model.safetensors").read_bytes()
+    result = invoke("train", corpus, "--out", trained_run, *TINY_MODEL)
+    assert result.exit_code == 1 and "--resume" in result.output
+    assert (trained_run / "latest" / "model.safetensors").read_bytes() == before
