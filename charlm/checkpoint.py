@@ -205,12 +205,12 @@ def save_checkpoint(run: Run, tag: str, snapshot: Snapshot) -> Path:
         tmp.rename(final)
         _sync_dir(run.path)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
+    except (OSError, ValueError, TypeError) as exc:  # ValueError: a non-finite number for JSON
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise CheckpointError(
-            f"cannot save checkpoint {tag} in {run.path}: {exc.strerror or exc} "
-            "(the previous checkpoint is intact)"
+            f"cannot save checkpoint {tag} in {run.path}: {reason} (the previous checkpoint is intact)"
         ) from exc
     return final
 
@@ -243,9 +243,10 @@ def append_metrics(run: Run, record: dict[str, Any]) -> None:
         raise CheckpointError(f"cannot write {run.path / METRICS_FILE}: {exc.strerror or exc}") from exc
 
 
-def truncate_metrics(run: Run, step: int) -> None:
-    """Drop the records after ``step`` (and a line cut short by a crash): a resumed run logs
-    those evaluations again, and the log must read as if the run had never stopped."""
+def truncate_metrics(run: Run, step: int | None) -> None:
+    """Keep only the records up to ``step`` (none if None), dropping a line cut short by a crash:
+    a resumed run logs the later validations again, and the log must read as if it had never
+    stopped."""
     file = run.path / METRICS_FILE
     if not file.exists():
         return
@@ -255,7 +256,12 @@ def truncate_metrics(run: Run, step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+        if (
+            step is not None
+            and isinstance(record, dict)
+            and isinstance(record.get("step"), int)
+            and record["step"] <= step
+        ):
             kept.append(line + "\n")
     try:
         _atomic_write(file, "".join(kept).encode("utf-8"))
@@ -306,8 +312,12 @@ def load_snapshot(directory: Path) -> Snapshot:
     """
     manifest = _json(_read(directory / MANIFEST_FILE), directory / MANIFEST_FILE)
     listed = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(listed, dict) or not all(isinstance(v, dict) for v in listed.values()):
-        raise CheckpointError(f"{directory / MANIFEST_FILE} is damaged: no file list")
+    if (
+        not isinstance(listed, dict)
+        or not set(listed) <= {WEIGHTS_FILE, TRAINER_FILE, STATE_FILE}
+        or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in listed.values())
+    ):
+        raise CheckpointError(f"{directory / MANIFEST_FILE} is damaged: not a list of checkpoint files")
     _check_format(manifest.get("format", FORMAT_VERSION), None, directory)
     missing = {WEIGHTS_FILE, STATE_FILE} - listed.keys()
     if missing:
@@ -354,7 +364,7 @@ def load_weights(model: RNNLM, weights: dict[str, torch.Tensor], source: Path) -
 def newest_intact(run: Run) -> tuple[Snapshot | None, list[str]]:
     """The checkpoint of ``run`` with the highest step among those that verify, and one line per
     checkpoint that did not (what resume reports when it falls back)."""
-    found: list[tuple[int, Snapshot]] = []
+    found: list[tuple[tuple[int, bool], Snapshot]] = []
     problems = []
     for tag in (LATEST, BEST):
         directory = run.path / tag
@@ -366,7 +376,10 @@ def newest_intact(run: Run) -> tuple[Snapshot | None, list[str]]:
                 step = snapshot.state.get("step")
                 if not isinstance(step, int):
                     raise CheckpointError(f"{directory / STATE_FILE} is damaged: no step")
-                found.append((step, snapshot))
+                if "rng.cpu" not in snapshot.trainer:
+                    raise CheckpointError(f"{directory} holds weights but no training state")
+                # on a tie, the state that has seen its step's validation
+                found.append(((step, snapshot.state.get("validated_at") == step), snapshot))
             except CheckpointError as exc:
                 problems.append(str(exc))
     if not found:

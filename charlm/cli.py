@@ -203,22 +203,31 @@ def train(
             train=train_config,
         )
         resolve_device(device)  # refuse a missing GPU before any work
+        resuming = resume
         if resume:
             run_dir = out or checkpoint.latest_run()
+            if run_dir.is_dir() and not (run_dir / checkpoint.RUN_FILE).exists():
+                # stopped while it prepared the corpus, before the run existed: start it again
+                if not corpus:
+                    raise CheckpointError(
+                        f"{run_dir} was stopped before training began; start it again with "
+                        f"`charlm train CORPUS --out {run_dir}`"
+                    )
+                resuming = False
         elif not corpus:
             raise ConfigError("give a corpus file to train on (or --resume to continue a run)")
         else:
             run_dir = out or checkpoint.new_run_dir(corpus[0].stem or "run")
             checkpoint.check_new_run(run_dir)
         created = not run_dir.exists()
-        if resume and created:
+        if resuming and created:
             raise CheckpointError(f"run not found: {run_dir}")
         checkpoint.make_run_dir(run_dir)
         try:
             with RunLock(run_dir) as lock, TrainProgress(stderr) as progress:
                 if lock.stale_holder:
                     progress.on_status(f"took over a stale lock ({lock.stale_holder} is gone)")
-                if resume:
+                if resuming:
                     changes = _resume_changes(ctx, train_config)
                     run, train_ids, val_ids, snapshot = prepare_resume(
                         run_dir, corpus or (), encoding, progress, changes

@@ -43,7 +43,10 @@ class RunLock:
                 raise CheckpointError(f"cannot create {self.path}: {exc.strerror or exc}") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except OSError as exc:
+                if not isinstance(exc, BlockingIOError):
+                    os.close(fd)
+                    raise CheckpointError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
                 holder = _holder(fd)
                 os.close(fd)
                 raise CheckpointError(
@@ -58,8 +61,12 @@ class RunLock:
                 break
             os.close(fd)
         self.stale_holder = _holder(fd) or None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError as exc:
+            os.close(fd)
+            raise CheckpointError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
         self._fd = fd
         return self
 

@@ -33,7 +33,9 @@ class StopRequest:
         return "terminated" if self.signum == signal.SIGTERM else "interrupted"
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
+        if self.signum is not None:  # the second: stop now
+            if signum == signal.SIGTERM:
+                raise SystemExit(128 + signum)
             raise KeyboardInterrupt
         self.signum = signum
 

@@ -145,34 +145,24 @@ def prepare_resume(
     """
     cb = callbacks or SilentCallbacks()
     run = checkpoint.load_run(run_dir)
+    config = run.config
     if changes:
         fixed = sorted(set(changes) - set(RESUMABLE_CHANGES))
         if fixed:
             raise ConfigError(
-                f"--{fixed[0].replace('_', '-')} cannot change when resuming; only "
-                + ", ".join(
-                    "--" + n.replace("_", "-") for n in RESUMABLE_CHANGES if not n.startswith("save_")
-                )
-                + " and --save-every can"
+                f"--{fixed[0].replace('_', '-')} cannot change when resuming; only --epochs, --max-steps, "
+                "--max-time, --eval-every, --save-every and --device can"
             )
-        run = checkpoint.update_config(
-            run, dataclasses.replace(run.config, train=dataclasses.replace(run.config.train, **changes))
-        )
-    tc = run.config.train
-    sources = list(paths) or [Path(p) for p in run.config.corpus]
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))
+    tc = config.train
+    sources = list(paths) or [Path(p) for p in config.corpus]
     corpus = prepare_corpus(
-        sources,
-        run.config.tokenizer,
-        tc.val_fraction,
-        2 * tc.batch_size,
-        encoding,
-        cb.on_status,
-        run.tokenizer,
+        sources, config.tokenizer, tc.val_fraction, 2 * tc.batch_size, encoding, cb.on_status, run.tokenizer
     )
     if run.corpus_sha256 is not None and corpus.sha256 != run.corpus_sha256:
         raise CorpusError(
-            f"{', '.join(map(str, sources))}: not the text {run.path} was trained on (its checksum differs); "
-            "resume needs the same corpus"
+            f"{', '.join(map(str, sources))}: not the text {run.path} was trained on (its checksum "
+            "differs); resume needs the same corpus"
         )
     checkpoint.remove_unfinished_saves(run.path)
     snapshot, problems = checkpoint.newest_intact(run)
@@ -180,11 +170,13 @@ def prepare_resume(
         cb.on_status(f"skipping a damaged checkpoint: {problem}")
     if snapshot is None and problems:
         raise CheckpointError(f"{run.path}: no intact checkpoint to resume from")
-    step = snapshot.state["step"] if snapshot else 0
-    checkpoint.truncate_metrics(run, step)
-    cb.on_status(
-        f"resuming {run.path} from step {step}" if snapshot else "no checkpoint yet: starting at step 0"
-    )
+    if config != run.config:
+        run = checkpoint.update_config(run, config)
+    if snapshot is None:
+        checkpoint.truncate_metrics(run, None)
+        cb.on_status("no checkpoint yet: starting at step 0")
+    else:
+        cb.on_status(f"resuming {run.path} from step {snapshot.state['step']}")
     return run, corpus.train_ids, corpus.val_ids, snapshot
 
 
@@ -283,7 +275,8 @@ class TrainingProgress:
     plateau_scale: float = 1.0  # times ``anneal`` for each validation that did not improve
     recovery_scale: float = 1.0  # times RECOVERY_LR for each restore after non-finite steps
     skipped_steps: int = 0  # non-finite steps, never applied
-    recoveries: int = 0  # restores since the last checkpoint
+    recoveries: int = 0  # restores since the last good validation
+    bad_in_row: int = 0  # non-finite steps in a row, up to now
     elapsed: float = 0.0  # training seconds so far, across resumes
     validated_at: int | None = None
     loss_sum: float = 0.0  # training loss summed since the last validation ...
@@ -348,12 +341,13 @@ class Trainer:
         if resume is not None:
             self._restore(resume)
             self.resumed_from = self.progress.step
+            # the log keeps exactly the validations this state has seen
+            checkpoint.truncate_metrics(run, self.progress.validated_at)
         self.clock = _Clock(tc, self.steps_per_epoch, self.progress.elapsed)
         self._loss_sum = torch.tensor(self.progress.loss_sum, device=self.device)  # since the last validation
         self._grad_norm = torch.tensor(self.progress.grad_norm)
         self._good = self._snapshot()  # the state a run of non-finite steps goes back to
         self._saved_at = (self.progress.step, self.clock.elapsed())
-        self._bad_in_row = 0
 
     @property
     def lr(self) -> float:
@@ -367,11 +361,15 @@ class Trainer:
             f"training {count_parameters(self.model):,} parameters on {self.device.type}{where}: "
             f"{self.streams.numel():,} tokens, {self.steps_per_epoch} steps per epoch"
         )
-        stop = self._loop()
-        if stop in ("interrupted", "terminated"):
-            self._checkpoint((checkpoint.LATEST,), interrupted=True)
-        else:
-            self._validate()
+        while True:
+            stop = self._loop()
+            if stop in ("interrupted", "terminated"):
+                self._checkpoint((checkpoint.LATEST,), interrupted=True)
+                break
+            if self._validate():  # else it went back to the last good state: go on from there
+                break
+        if self.stop.requested:  # a signal during the last validation
+            stop = self.stop.reason
         best = EvalResult(**p.best) if p.best else None
         return TrainResult(
             self.run.path, p.step, p.tokens, self.clock.elapsed(), stop, best,
@@ -383,7 +381,8 @@ class Trainer:
         p, tc = self.progress, self.config
         while True:
             if p.window >= self.steps_per_epoch:
-                self._validate()  # at least once an epoch, however small the corpus
+                if not self._validate():  # at least once an epoch, however small the corpus
+                    continue  # went back to the last good state, maybe mid-epoch
                 if p.epoch >= tc.epochs:
                     return "epochs"
                 p.epoch, p.window = p.epoch + 1, 0
@@ -413,15 +412,15 @@ class Trainer:
             self.hidden = detach_hidden(hidden)
             self._loss_sum, p.loss_steps = self._loss_sum + loss, p.loss_steps + 1
             self._grad_norm = grad_norm
-            self._bad_in_row = 0
+            p.bad_in_row = 0
         else:  # the carried state stays that of the last good step
             p.skipped_steps += 1
-            self._bad_in_row += 1
+            p.bad_in_row += 1
             self.cb.on_status(
                 f"step {p.step}: the loss or the gradient is not finite; step skipped "
                 f"({p.skipped_steps} skipped in this run)"
             )
-            if self._bad_in_row >= MAX_BAD_STEPS:
+            if p.bad_in_row >= MAX_BAD_STEPS:
                 self._recover(f"{MAX_BAD_STEPS} steps in a row were not finite")
                 return
         if p.step % 10 == 0 or p.step == 1:
@@ -434,7 +433,7 @@ class Trainer:
             TrainingError: it keeps failing.
         """
         p = self.progress
-        skipped, recoveries = p.skipped_steps, p.recoveries + 1
+        skipped, recoveries, scale = p.skipped_steps, p.recoveries + 1, p.recovery_scale
         if recoveries > MAX_RECOVERIES:
             raise TrainingError(
                 f"training diverged: {why} after {MAX_RECOVERIES} restores; the last good checkpoint "
@@ -442,8 +441,8 @@ class Trainer:
             )
         self._restore(self._good)
         p.skipped_steps, p.recoveries = skipped, recoveries
-        p.recovery_scale *= RECOVERY_LR
-        self._bad_in_row = 0
+        p.recovery_scale = scale * RECOVERY_LR  # lower each time, or the replay would fail again
+        p.bad_in_row = 0
         self.cb.on_status(
             f"{why}: restored the state of step {p.step} and multiplied the learning rate by "
             f"{p.recovery_scale:g}"
@@ -467,16 +466,21 @@ class Trainer:
             )
         )  # fmt: skip
 
-    def _validate(self) -> None:
-        """Score the held-out split, log it, checkpoint, and let the schedule react (once a step)."""
+    def _validate(self) -> bool:
+        """Score the held-out split, log it, checkpoint, and let the schedule react (once a step).
+
+        Returns False if it found the model non-finite and went back to the last good state."""
         p = self.progress
         if p.validated_at == p.step:
-            return
+            return True
         if not self._weights_finite():
             self._recover("the weights are not finite")
-            return
-        p.validated_at = p.step
+            return False
         result = evaluate(self.model, self.val_ids, self.val_chars, self.run.tokenizer.newline_id)
+        if not math.isfinite(result.loss):
+            self._recover("the validation loss is not finite")
+            return False
+        p.validated_at, p.recoveries = p.step, 0
         record = {
             "step": p.step, "epoch": p.epoch, "tokens": p.tokens,
             "train_loss": (self._loss_sum / max(p.loss_steps, 1)).item(),
@@ -492,9 +496,10 @@ class Trainer:
         else:  # validation stopped improving: anneal
             p.plateau_scale *= self.config.anneal
         p.extra = {"val_loss": result.loss, "val_bpc": result.bpc}
-        checkpoint.append_metrics(self.run, record)  # first: a resume drops records past its step
+        checkpoint.append_metrics(self.run, record)  # first: a resume drops records it has not saved
         self._checkpoint(tags)
         self.cb.on_eval(record)
+        return True
 
     def _save_due(self) -> bool:
         tc, (step, at) = self.config, self._saved_at
@@ -512,7 +517,6 @@ class Trainer:
             self._recover("the weights are not finite")
             return
         p = self.progress
-        p.recoveries = 0
         if interrupted:
             p.extra = {**p.extra, "interrupted": True}
         snapshot = self._snapshot()
@@ -558,7 +562,7 @@ class Trainer:
         Raises:
             CheckpointError: the snapshot does not fit this run.
         """
-        source = self.run.path / checkpoint.LATEST
+        source = self.run.path / "checkpoint"
         checkpoint.load_weights(self.model, snapshot.weights, source / checkpoint.WEIGHTS_FILE)
         restored = TrainingProgress.from_state(snapshot.state)
         for f in dataclasses.fields(restored):  # in place: the loop holds this object

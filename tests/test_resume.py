@@ -138,3 +138,14 @@ def test_running_into_an_existing_run_without_resume_is_refused(trained_run: Pat
     result = invoke("train", corpus, "--out", trained_run, *TINY_MODEL)
     assert result.exit_code == 1 and "--resume" in result.output
     assert (trained_run / "latest" / "model.safetensors").read_bytes() == before
+
+
+def test_a_run_stopped_before_it_existed_starts_again(reference: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus, _ = reference
+    run = tmp_path / "run"
+    run.mkdir()  # killed while preparing the corpus: a directory, no run.json
+    result = invoke("train", "--resume", "--out", run)
+    assert result.exit_code == 1 and "before training began" in result.output
+    result = invoke("train", corpus, "--resume", "--out", run, "--max-steps", "3", *TINY_MODEL)
+    assert result.exit_code == 0, result.output
+    assert (run / "run.json").is_file()

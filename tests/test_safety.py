@@ -143,9 +143,13 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_intact(
     checkpoint.load_snapshot(run_copy / "latest")  # and what is there verifies
 
 
-def test_non_finite_steps_are_skipped_and_recovered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Poison the loss at steps 5 (once) and 12-14 (a run of MAX_BAD_STEPS): the first is skipped,
-    the run restores the last good state with a lower learning rate, and finishes finite."""
+@pytest.mark.parametrize("bad_run,restores", [(3, 1), (6, 2)])
+def test_non_finite_steps_are_skipped_and_recovered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad_run: int, restores: int
+) -> None:
+    """Poison the loss once at step 5 and then ``bad_run`` times in a row from step 12: the first
+    is skipped; each MAX_BAD_STEPS in a row restore the last good state with a learning rate
+    lower each time, and the run finishes finite."""
     from charlm.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 
     corpus = tmp_path / "c.txt"
@@ -156,7 +160,7 @@ def test_non_finite_steps_are_skipped_and_recovered(tmp_path: Path, monkeypatch:
         TrainConfig(batch_size=8, bptt=16, max_steps=30, eval_every=10, save_steps=4, device="cpu"),
     )
     run, train_ids, val_ids = prepare_run([corpus], config, tmp_path / "run")
-    poisoned = {5, 12, 13, 14}
+    poisoned = {5, *range(12, 12 + bad_run)}
     calls = {"n": 0}
     real_forward = RNNLM.forward
 
@@ -179,12 +183,14 @@ def test_non_finite_steps_are_skipped_and_recovered(tmp_path: Path, monkeypatch:
         def on_eval(self, record: dict) -> None: ...
 
     result = fit(run, train_ids, val_ids, Record())
-    assert result.steps == 30 and result.skipped_steps == 1 + MAX_BAD_STEPS
+    assert result.steps == 30 and result.skipped_steps == 1 + bad_run
     assert any("step 5: the loss or the gradient is not finite" in m for m in messages)
-    restored = [m for m in messages if "restored the state of step" in m]
-    assert len(restored) == 1 and "multiplied the learning rate by 0.5" in restored[0]
+    restored = [m for m in messages if "restored the state of step 10" in m]
+    assert len(restored) == restores == bad_run // MAX_BAD_STEPS
+    for i, message in enumerate(restored):
+        assert f"multiplied the learning rate by {0.5 ** (i + 1):g}" in message
     state = json.loads((run.path / "latest" / "state.json").read_text())
-    assert state["recovery_scale"] == 0.5 and state["skipped_steps"] == 4
+    assert state["recovery_scale"] == 0.5**restores and state["skipped_steps"] == 1 + bad_run
     weights = checkpoint.load_snapshot(run.path / "latest").weights
     assert all(bool(torch.isfinite(t).all()) for t in weights.values())
     assert all(torch.isfinite(torch.tensor(r["val_loss"])) for r in checkpoint.read_metrics(run.path))
