@@ -10,6 +10,7 @@ import torch
 
 from charlm.config import SampleConfig
 from charlm.model import RNNLM
+from charlm.stepper import Stepper
 from charlm.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -43,8 +44,8 @@ def generate(
 ) -> Iterator[str]:
     """Yield the continuation of ``config.prime`` piece by piece (the prime itself not included).
 
-    The model first reads a newline (the start-of-text context it was scored with) and the prime,
-    then feeds back each token it picks.
+    The model first reads a newline (the start-of-text context it was scored with) and the prime
+    in one pass, then feeds back each token it picks through a :class:`Stepper`.
     """
     model.eval()
     device = model.decoder.weight.device
@@ -54,15 +55,17 @@ def generate(
     # No text encodes to the unknown piece (byte fallback), so the model must never say it.
     never = torch.zeros_like(last).index_fill_(0, torch.tensor([tokenizer.unk_id], device=device), -math.inf)
     decoder = StreamDecoder(tokenizer)
-    token = torch.empty((1, 1), dtype=torch.long, device=device)
+    stepper = Stepper(model)  # one token at a time without nn.LSTM's per-call cost
+    state = stepper.state_from(hidden)
+    token = torch.empty((1,), dtype=torch.long, device=device)
     for _ in range(config.length):
         next_id = pick((last + never).cpu(), config, generator)
         text = decoder.push(next_id)
         if text:
             yield text
         token.fill_(next_id)
-        logits, hidden = model(token, hidden)  # (1, 1, V)
-        last = logits[0, 0]
+        logits, state = stepper.step(token, state)  # (1, V)
+        last = logits[0]
     tail = decoder.flush()
     if tail:
         yield tail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -57,3 +58,33 @@ def test_the_unknown_piece_is_never_sampled(corpus_text: str) -> None:
         model.decoder.bias[tokenizer.unk_id] = 50.0  # the model would say nothing else
     text = "".join(generate(model, tokenizer, SampleConfig(length=50, temperature=1.0), make_generator(0)))
     assert "\u2047" not in text and len(text) >= 10
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_stepper_gives_the_probabilities_of_the_model(cell: str, layers: int) -> None:
+    """Step by step, the fast path's next-token distribution equals nn.LSTM/GRU/RNN's to 1e-5."""
+    from charlm.config import Cell, ModelConfig
+    from charlm.model import RNNLM
+    from charlm.stepper import Stepper
+
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig(vocab_size=70, cell=Cell(cell), layers=layers, hidden=48, embed=24)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # larger than the initialisation: saturating gates are tested too
+    stepper = Stepper(model)
+    tokens = torch.randint(0, 70, (40, 5))  # (T, B): five streams at once
+    hidden = model.init_hidden(5)
+    with torch.no_grad():
+        for t in range(tokens.size(0)):  # each step from the same state the module reached
+            logits, _ = stepper.step(tokens[t], stepper.state_from(hidden))  # (B, V)
+            expected, hidden = model(tokens[t : t + 1], hidden)  # (1, B, V), nn.LSTM's own step
+            torch.testing.assert_close(
+                torch.softmax(logits, -1), torch.softmax(expected[0], -1), atol=1e-5, rtol=0
+            )
+        # and stepping on its own state tracks the module over the whole sequence
+        state, run = stepper.state_from(model.init_hidden(5)), None
+        for t in range(tokens.size(0)):
+            run, state = stepper.step(tokens[t], state)
+        torch.testing.assert_close(torch.softmax(run, -1), torch.softmax(expected[0], -1), atol=1e-4, rtol=0)

@@ -1,0 +1,190 @@
+"""Tokens per second where users wait, charlm against a plain PyTorch reference, in one run.
+
+    python benchmarks/speed.py [--seconds 10] [--threads N] [--hidden 512] [--vocab 65]
+
+The reference model is issue 4's: a 2-layer LSTM, 512 hidden units, a character vocabulary of 65
+symbols (charlm's char tokenizer adds 256 byte-fallback pieces: 324 outputs, on both sides), batch
+64, BPTT 128, random tokens (speed does not depend on the text). Measured, each for about
+``--seconds`` after a warm-up, the median of three timed repeats:
+
+- training: the reference is a textbook fp32 loop (Embedding -> nn.LSTM -> Linear, Adam, global
+  norm clipping); charlm is :func:`charlm.train.train_step` on :class:`charlm.model.RNNLM`;
+- evaluation: :func:`charlm.evaluate.evaluate` (no autograd, 32 long streams), against charlm's own
+  training throughput;
+- sampling: the reference calls ``nn.LSTM`` once per token and samples from the softmax (what most
+  tools do); charlm is :func:`charlm.generate.generate` for one stream and
+  :class:`charlm.stepper.Stepper` for 32 streams at once.
+
+Prints a table of absolute figures and ratios, then one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from charlm.config import ModelConfig, SampleConfig, TokenizerConfig
+from charlm.evaluate import evaluate
+from charlm.generate import generate, make_generator
+from charlm.model import RNNLM, detach_hidden
+from charlm.stepper import Stepper
+from charlm.tokenizer import train_tokenizer
+from charlm.train import train_step
+
+
+class Reference(nn.Module):
+    """The plain model everyone writes first."""
+
+    def __init__(self, vocab: int, hidden: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, hidden)
+        self.rnn = nn.LSTM(hidden, hidden, 2)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, x: torch.Tensor, hidden: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+        out, hidden = self.rnn(self.embedding(x), hidden)  # (T, B, H)
+        return self.decoder(out), hidden  # (T, B, V)
+
+
+def rate(work: Callable[[], int], seconds: float) -> float:
+    """Median tokens/s of three repeats of ``work`` (returns tokens) for ``seconds`` / 3 each."""
+    work()  # warm-up
+    rates = []
+    for _ in range(3):
+        tokens, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            tokens += work()
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--bptt", type=int, default=128)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    # charlm's real char tokenizer over 65 characters (as tinyshakespeare's): the vocabulary is
+    # those plus the 256 byte-fallback pieces and the specials; both sides use its size.
+    alphabet = "\n !$&',-.:;?3ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    tokenizer = train_tokenizer("".join(random.Random(0).choices(alphabet, k=20_000)), TokenizerConfig())
+    V, H, B, T, S = tokenizer.vocab_size, args.hidden, args.batch, args.bptt, args.seconds
+    x = torch.randint(0, V, (T, B))
+    y = torch.randint(0, V, (T, B))
+
+    ref = Reference(V, H)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+    ref_state: dict = {"h": None}
+
+    def ref_train() -> int:
+        logits, hidden = ref(x, ref_state["h"])
+        ref_state["h"] = tuple(h.detach() for h in hidden)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        ref_opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        ref_opt.step()
+        return x.numel()
+
+    model = RNNLM(ModelConfig(vocab_size=V, hidden=H, embed=H, layers=2, dropout=0.0))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ours: dict = {"h": model.init_hidden(B)}
+
+    def our_train() -> int:
+        _, _, hidden, _ = train_step(model, opt, x, y, ours["h"], 1.0)
+        ours["h"] = detach_hidden(hidden)
+        return x.numel()
+
+    eval_ids = torch.randint(0, V, (200_000,))
+
+    def our_eval() -> int:
+        evaluate(model, eval_ids, eval_ids.numel(), 0)
+        return eval_ids.numel()
+
+    def ref_sample(streams: int) -> Callable[[], int]:
+        def work() -> int:
+            token, hidden, n = torch.zeros((1, streams), dtype=torch.long), None, 200
+            with torch.no_grad():  # as sampling scripts usually are
+                for _ in range(n):
+                    logits, hidden = ref(token, hidden)  # (1, B, V): one nn.LSTM call per token
+                    token = torch.multinomial(torch.softmax(logits[0] / 0.8, -1), 1).view(1, streams)
+            return n * streams
+
+        return work
+
+    model.eval()
+
+    def our_sample_one() -> int:
+        config = SampleConfig(length=500, temperature=0.8)
+        for _ in generate(model, tokenizer, config, make_generator(0)):
+            pass
+        return config.length
+
+    stepper = Stepper(model)
+
+    def our_sample_many() -> int:
+        streams, n = 32, 200
+        state = stepper.state_from(model.init_hidden(streams))
+        token = torch.zeros(streams, dtype=torch.long)
+        for _ in range(n):
+            logits, state = stepper.step(token, state)  # (32, V)
+            token = torch.multinomial(torch.softmax(logits / 0.8, -1), 1).view(streams)
+        return n * streams
+
+    model.train()
+    figures = {
+        "train_reference": rate(ref_train, S),
+        "train_charlm": rate(our_train, S),
+    }
+    figures["eval_charlm"] = rate(our_eval, S)
+    figures["sample1_reference"] = rate(ref_sample(1), S)
+    figures["sample1_charlm"] = rate(our_sample_one, S)
+    figures["sample32_reference"] = rate(ref_sample(32), S)
+    figures["sample32_charlm"] = rate(our_sample_many, S)
+    ratios = {
+        "train (charlm / reference)": figures["train_charlm"] / figures["train_reference"],
+        "eval (charlm eval / charlm train)": figures["eval_charlm"] / figures["train_charlm"],
+        "sample, 1 stream (charlm / reference)": figures["sample1_charlm"] / figures["sample1_reference"],
+        "sample, 32 streams (charlm / reference)": figures["sample32_charlm"] / figures["sample32_reference"],
+    }
+    print(
+        f"2x{H} LSTM, vocab {V}, batch {B}, BPTT {T}, {torch.get_num_threads()} threads, {torch.__version__}"
+    )
+    print(f"{'measurement':<40} {'tokens/s':>12}")
+    for name, value in figures.items():
+        print(f"{name:<40} {value:>12,.0f}")
+    print(f"{'ratio':<40} {'x':>12}")
+    for name, value in ratios.items():
+        print(f"{name:<40} {value:>12.2f}")
+    print(
+        json.dumps(
+            {
+                "tokens_per_s": {k: round(v, 1) for k, v in figures.items()},
+                "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                "config": {"hidden": H, "vocab": V, "batch": B, "bptt": T, "layers": 2},
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
