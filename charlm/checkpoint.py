@@ -348,7 +348,7 @@ def load_model(run: Run, tag: str = BEST, device: torch.device | str = "cpu") ->
     return model.to(device).eval()
 
 
-def load_weights(model: RNNLM, weights: dict[str, torch.Tensor], source: Path) -> None:
+def load_weights(model: RNNLM, weights: dict[str, torch.Tensor], source: Path | str) -> None:
     """Copy ``weights`` into ``model``, every tensor present and of the right shape.
 
     Raises:

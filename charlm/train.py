@@ -562,8 +562,8 @@ class Trainer:
         Raises:
             CheckpointError: the snapshot does not fit this run.
         """
-        source = self.run.path / "checkpoint"
-        checkpoint.load_weights(self.model, snapshot.weights, source / checkpoint.WEIGHTS_FILE)
+        source = f"the checkpoint of step {snapshot.state.get('step')} in {self.run.path}"
+        checkpoint.load_weights(self.model, snapshot.weights, source)
         restored = TrainingProgress.from_state(snapshot.state)
         for f in dataclasses.fields(restored):  # in place: the loop holds this object
             setattr(self.progress, f.name, getattr(restored, f.name))
@@ -578,8 +578,9 @@ class Trainer:
             self.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
             n = 2 if isinstance(self.hidden, tuple) else 1
             hidden = tuple(t[f"hidden.{i}"].clone().to(self.device) for i in range(n))
-            if hidden[0].shape != self.model.init_hidden(self.config.batch_size)[0].shape and n == 2:
-                raise ValueError("hidden state of another shape")
+            expected = (self.run.config.model.layers, self.config.batch_size)
+            if any(h.shape[:2] != expected for h in hidden):
+                raise ValueError(f"a hidden state of shape {tuple(hidden[0].shape)}")
             self.hidden = hidden if n == 2 else hidden[0]
             torch.set_rng_state(t["rng.cpu"].clone())
             if self.device.type == "cuda" and "rng.cuda" in t:
