@@ -87,17 +87,22 @@ def test_lr_schedule_holds_then_decays_linearly_to_zero() -> None:
     assert lr_scale(0.99, 0.0) == 1.0  # decay off
 
 
-def test_plateau_anneals_the_learning_rate(tmp_path: Path, corpus: Path) -> None:
-    # an lr so large that validation keeps failing to improve
-    run, train_ids, val_ids = prepare_run(
-        [corpus], config(max_steps=50, lr=5.0, decay=0.0, eval_every=10), tmp_path / "run"
-    )
+def test_plateau_anneals_the_learning_rate(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each validation that does not beat the best so far multiplies the lr by ``anneal``."""
+    from charlm import train as module
+    from charlm.evaluate import score
+
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 1.9])  # validations 3 and 4 are worse than the best
+    monkeypatch.setattr(module, "evaluate", lambda *args, **kwargs: score(next(scripted), 1, 1))
+    cfg = config(max_steps=50, lr=5.0, decay=0.0, eval_every=10, anneal=0.5)
+    run, train_ids, val_ids = prepare_run([corpus], cfg, tmp_path / "run")
     fit(run, train_ids, val_ids)
     records = checkpoint.read_metrics(run.path)
-    worse = [r["val_loss"] >= min(q["val_loss"] for q in records[:i]) for i, r in enumerate(records) if i]
-    assert sum(worse[:-1]) >= 1
+    assert [r["val_loss"] for r in records] == [3.0, 2.0, 2.5, 2.6, 1.9]
     # the lr logged at a validation carries the annealing of the validations before it
-    assert records[-1]["lr"] == pytest.approx(5.0 * 0.5 ** sum(worse[:-1]))
+    assert [r["lr"] for r in records] == pytest.approx([5.0, 5.0, 5.0, 2.5, 1.25])
 
 
 def test_trainer_carries_the_hidden_state_between_windows(
