@@ -12,8 +12,9 @@ symbols (charlm's char tokenizer adds 256 byte-fallback pieces: 324 outputs, on 
 - evaluation: :func:`charlm.evaluate.evaluate` (no autograd, 32 long streams), against charlm's own
   training throughput;
 - sampling: the reference calls ``nn.LSTM`` once per token and samples from the softmax (what most
-  tools do); charlm is :func:`charlm.generate.generate` for one stream and
-  :class:`charlm.stepper.Stepper` for 32 streams at once.
+  tools do); charlm is :func:`charlm.generate.generate`, the whole path of ``charlm sample``
+  (prime, set-up, picking, streaming decoding), for one sample of 1000 tokens and for 32 samples
+  of 200 drawn at once (``--num-samples 32``).
 
 Prints a table of absolute figures and ratios, then one JSON object.
 """
@@ -36,7 +37,6 @@ from charlm.config import ModelConfig, SampleConfig, TokenizerConfig
 from charlm.evaluate import evaluate
 from charlm.generate import generate, make_generator
 from charlm.model import RNNLM, detach_hidden
-from charlm.stepper import Stepper
 from charlm.tokenizer import train_tokenizer
 from charlm.train import train_step
 
@@ -130,22 +130,14 @@ def main() -> None:
 
     model.eval()
 
-    def our_sample_one() -> int:
-        config = SampleConfig(length=500, temperature=0.8)
-        for _ in generate(model, tokenizer, config, make_generator(0)):
-            pass
-        return config.length
+    def our_sample(streams: int, length: int) -> Callable[[], int]:
+        def work() -> int:  # the whole `charlm sample` path: prime, set-up, picking, decoding
+            config = SampleConfig(length=length, temperature=0.8, num_samples=streams)
+            for _ in generate(model, tokenizer, config, make_generator(0)):
+                pass  # the pieces stream out as they are generated
+            return length * streams
 
-    stepper = Stepper(model)
-
-    def our_sample_many() -> int:
-        streams, n = 32, 200
-        state = stepper.state_from(model.init_hidden(streams))
-        token = torch.zeros(streams, dtype=torch.long)
-        for _ in range(n):
-            logits, state = stepper.step(token, state)  # (32, V)
-            token = torch.multinomial(torch.softmax(logits / 0.8, -1), 1).view(streams)
-        return n * streams
+        return work
 
     model.train()
     figures = {
@@ -154,9 +146,9 @@ def main() -> None:
     }
     figures["eval_charlm"] = rate(our_eval, S)
     figures["sample1_reference"] = rate(ref_sample(1), S)
-    figures["sample1_charlm"] = rate(our_sample_one, S)
+    figures["sample1_charlm"] = rate(our_sample(1, 1000), S)
     figures["sample32_reference"] = rate(ref_sample(32), S)
-    figures["sample32_charlm"] = rate(our_sample_many, S)
+    figures["sample32_charlm"] = rate(our_sample(32, 200), S)
     ratios = {
         "train (charlm / reference)": figures["train_charlm"] / figures["train_reference"],
         "eval (charlm eval / charlm train)": figures["eval_charlm"] / figures["train_charlm"],

@@ -328,16 +328,21 @@ def sample(
             seed=seed,
         )
         loaded, model = _open(run, checkpoint, device)
-        generator = make_generator(config.seed)
-        for i in range(config.num_samples):
-            if config.num_samples > 1:
-                stderr.rule(f"sample {i + 1} of {config.num_samples}")
-            last = config.prime
-            _write(config.prime)
-            for piece in generate(model, loaded.tokenizer, config, generator):
+        # All samples are drawn at once (a batch costs little more than one); the first streams
+        # to stdout as it is generated, the others follow it.
+        texts: list[list[str]] = [[config.prime] for _ in range(config.num_samples)]
+        if config.num_samples > 1:
+            stderr.rule(f"sample 1 of {config.num_samples}")
+        _write(config.prime)
+        for i, piece in generate(model, loaded.tokenizer, config, make_generator(config.seed)):
+            if i == 0:
                 _write(piece)
-                last = piece
-            _write("" if last.endswith("\n") else "\n")
+            texts[i].append(piece)
+        for i, parts in enumerate(texts):
+            if i > 0:
+                stderr.rule(f"sample {i + 1} of {config.num_samples}")
+                _write("".join(parts))
+            _write("" if parts[-1].endswith("\n") else "\n")
 
     try:
         _guard(ctx, action)

@@ -51,6 +51,7 @@ class Tokenizer:
             raise TokenizerError(f"not a SentencePiece model: {exc}") from exc
         self._proto = model_proto
         self.newline_id: int = self._sp.piece_to_id(NEWLINE)
+        self._byte_values: list[int | None] | None = None
 
     @classmethod
     def from_bytes(cls, model_proto: bytes) -> Tokenizer:
@@ -95,6 +96,12 @@ class Tokenizer:
         """The byte of a byte-fallback piece (``<0xE2>`` -> 0xE2), None for any other piece."""
         return int(self.piece(token_id)[1:-1], 16) if self._sp.is_byte(token_id) else None
 
+    def byte_values(self) -> list[int | None]:
+        """:meth:`byte_value` of every id, computed once (streaming decoding asks per token)."""
+        if self._byte_values is None:
+            self._byte_values = [self.byte_value(i) for i in range(self.vocab_size)]
+        return self._byte_values
+
     def decode_escaped(self, ids: list[int]) -> str:
         """SentencePiece's decoding without undoing the escape (for :class:`StreamDecoder`)."""
         return str(self._sp.decode(ids))
@@ -112,14 +119,21 @@ class StreamDecoder:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
+        self._bytes = tokenizer.byte_values()
         self._pending: list[int] = []
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text that is now certain (possibly empty)."""
         self._pending.append(token_id)
-        if len(self._pending) < self._MAX_PENDING and self._incomplete():
-            return ""
-        return self.flush()
+        if len(self._pending) >= self._MAX_PENDING:
+            return self.flush()
+        if self._bytes[token_id] is not None and self._partial_character():
+            return ""  # a character's first bytes: wait for the rest
+        raw = self._tokenizer.decode_escaped(self._pending)
+        if (len(raw) - len(raw.rstrip(ESC))) % 2 == 1:
+            return ""  # half an escape pair
+        self._pending = []
+        return unescape(raw) if ESC in raw else raw
 
     def flush(self) -> str:
         """Release whatever is held back."""
@@ -127,20 +141,19 @@ class StreamDecoder:
         self._pending = []
         return unescape(raw)
 
-    def _incomplete(self) -> bool:
+    def _partial_character(self) -> bool:
+        """Do the trailing byte pieces begin a UTF-8 character without finishing it?"""
         tail = bytearray()
         for token_id in reversed(self._pending):
-            value = self._tokenizer.byte_value(token_id)
+            value = self._bytes[token_id]
             if value is None:
                 break
             tail.insert(0, value)
         try:
             tail.decode("utf-8")
         except UnicodeDecodeError as exc:
-            if exc.reason == "unexpected end of data":
-                return True  # a character's first bytes: wait for the rest
-        raw = self._tokenizer.decode_escaped(self._pending)
-        return (len(raw) - len(raw.rstrip(ESC))) % 2 == 1  # half an escape pair
+            return exc.reason == "unexpected end of data"
+        return False
 
 
 def _chunks(text: str, size: int) -> Iterator[str]:

@@ -107,7 +107,9 @@ def test_sample_stdout_is_exactly_the_generated_text(trained_run: Path) -> None:
     run = checkpoint.load_run(trained_run)
     model = checkpoint.load_model(run)
     config = SampleConfig(length=80, temperature=0.9, prime="The ", seed=5)
-    expected = "The " + "".join(generate(model, run.tokenizer, config, make_generator(5)))
+    expected = "The " + "".join(
+        piece for _, piece in generate(model, run.tokenizer, config, make_generator(5))
+    )
     result = invoke(
         "sample", trained_run, "--length", "80", "--temp", "0.9", "--prime", "The ", "--seed", "5"
     )
@@ -139,8 +141,11 @@ def test_sample_greedy_prime_filters_and_several_samples(trained_run: Path) -> N
         "0.9",
     )
     assert primed.exit_code == 0 and primed.stdout.startswith("The ☃ ")  # unseen characters work
-    many = invoke("sample", trained_run, "--num-samples", "3", "--length", "15", "--seed", "1")
+    many = invoke(
+        "sample", trained_run, "--num-samples", "3", "--length", "15", "--seed", "1", "--prime", "Q"
+    )
     assert many.exit_code == 0 and many.stderr.count("sample ") == 3
+    assert many.stdout.count("Q") >= 3 and many.stdout.startswith("Q")  # each sample shows its prime
 
 
 def test_eval_reports_what_training_logged(trained_run: Path) -> None:
