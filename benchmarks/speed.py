@@ -1,6 +1,6 @@
 """Tokens per second where users wait, charlm against a plain PyTorch reference, in one run.
 
-    python benchmarks/speed.py [--seconds 10] [--threads N] [--hidden 512] [--vocab 65]
+    python benchmarks/speed.py [--seconds 10] [--threads N] [--hidden 512] [--device auto]
 
 The reference model is issue 4's: a 2-layer LSTM, 512 hidden units, a character vocabulary of 65
 symbols (charlm's char tokenizer adds 256 byte-fallback pieces: 324 outputs, on both sides), batch
@@ -8,13 +8,16 @@ symbols (charlm's char tokenizer adds 256 byte-fallback pieces: 324 outputs, on 
 ``--seconds`` after a warm-up, the median of three timed repeats:
 
 - training: the reference is a textbook fp32 loop (Embedding -> nn.LSTM -> Linear, Adam, global
-  norm clipping); charlm is :func:`charlm.train.train_step` on :class:`charlm.model.RNNLM`;
+  norm clipping); charlm is :func:`charlm.train.train_step` on :class:`charlm.model.RNNLM` in the
+  precision ``--precision auto`` picks on this device (bf16 autocast on a GPU with bf16 or a CPU with
+  AVX-512 bf16 / AMX, else fp32; when it picks bf16, charlm's fp32 step is measured too);
 - evaluation: :func:`charlm.evaluate.evaluate` (no autograd, 32 long streams), against charlm's own
   training throughput;
 - sampling: the reference calls ``nn.LSTM`` once per token and samples from the softmax (what most
   tools do); charlm is :func:`charlm.generate.generate`, the whole path of ``charlm sample``
   (prime, set-up, picking, streaming decoding), for one sample of 1000 tokens and for 32 samples
-  of 200 drawn at once (``--num-samples 32``).
+  of 200 drawn at once (``--num-samples 32``);
+- start-up: the median wall time of ``charlm --help`` in a new process (five runs).
 
 Prints a table of absolute figures and ratios, then one JSON object.
 """
@@ -25,7 +28,10 @@ import argparse
 import json
 import platform
 import random
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -33,7 +39,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from charlm.config import ModelConfig, SampleConfig, TokenizerConfig
+from charlm.config import ModelConfig, Precision, SampleConfig, TokenizerConfig
+from charlm.device import resolve_device, resolve_precision
 from charlm.evaluate import evaluate
 from charlm.generate import generate, make_generator
 from charlm.model import RNNLM, detach_hidden
@@ -55,16 +62,37 @@ class Reference(nn.Module):
         return self.decoder(out), hidden  # (T, B, V)
 
 
-def rate(work: Callable[[], int], seconds: float) -> float:
+def rate(work: Callable[[], int], seconds: float, device: torch.device) -> float:
     """Median tokens/s of three repeats of ``work`` (returns tokens) for ``seconds`` / 3 each."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     work()  # warm-up
     rates = []
     for _ in range(3):
+        sync()
         tokens, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 3:
             tokens += work()
+        sync()
         rates.append(tokens / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def help_seconds(repeats: int = 5) -> float:
+    """Median wall time of ``charlm --help`` in a new process."""
+    command = [shutil.which("charlm") or sys.executable, "--help"]
+    if command[0] == sys.executable:
+        command.insert(1, "-m")
+        command.insert(2, "charlm")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -76,19 +104,22 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--bptt", type=int, default=128)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    autocast = resolve_precision(Precision.auto, device)
     torch.manual_seed(0)
     # charlm's real char tokenizer over 65 characters (as tinyshakespeare's): the vocabulary is
     # those plus the 256 byte-fallback pieces and the specials; both sides use its size.
     alphabet = "\n !$&',-.:;?3ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
     tokenizer = train_tokenizer("".join(random.Random(0).choices(alphabet, k=20_000)), TokenizerConfig())
     V, H, B, T, S = tokenizer.vocab_size, args.hidden, args.batch, args.bptt, args.seconds
-    x = torch.randint(0, V, (T, B))
-    y = torch.randint(0, V, (T, B))
+    x = torch.randint(0, V, (T, B), device=device)
+    y = torch.randint(0, V, (T, B), device=device)
 
-    ref = Reference(V, H)
+    ref = Reference(V, H).to(device)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
     ref_state: dict = {"h": None}
 
@@ -102,14 +133,17 @@ def main() -> None:
         ref_opt.step()
         return x.numel()
 
-    model = RNNLM(ModelConfig(vocab_size=V, hidden=H, embed=H, layers=2, dropout=0.0))
+    model = RNNLM(ModelConfig(vocab_size=V, hidden=H, embed=H, layers=2, dropout=0.0)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     ours: dict = {"h": model.init_hidden(B)}
 
-    def our_train() -> int:
-        _, _, hidden, _ = train_step(model, opt, x, y, ours["h"], 1.0)
-        ours["h"] = detach_hidden(hidden)
-        return x.numel()
+    def our_train(precision: torch.dtype | None) -> Callable[[], int]:
+        def work() -> int:
+            _, _, hidden, _ = train_step(model, opt, x, y, ours["h"], 1.0, precision)
+            ours["h"] = detach_hidden(hidden)
+            return x.numel()
+
+        return work
 
     eval_ids = torch.randint(0, V, (200_000,))
 
@@ -119,7 +153,7 @@ def main() -> None:
 
     def ref_sample(streams: int) -> Callable[[], int]:
         def work() -> int:
-            token, hidden, n = torch.zeros((1, streams), dtype=torch.long), None, 200
+            token, hidden, n = torch.zeros((1, streams), dtype=torch.long, device=device), None, 200
             with torch.no_grad():  # as sampling scripts usually are
                 for _ in range(n):
                     logits, hidden = ref(token, hidden)  # (1, B, V): one nn.LSTM call per token
@@ -141,35 +175,44 @@ def main() -> None:
 
     model.train()
     figures = {
-        "train_reference": rate(ref_train, S),
-        "train_charlm": rate(our_train, S),
+        "train_reference": rate(ref_train, S, device),
+        "train_charlm": rate(our_train(autocast), S, device),
     }
-    figures["eval_charlm"] = rate(our_eval, S)
-    figures["sample1_reference"] = rate(ref_sample(1), S)
-    figures["sample1_charlm"] = rate(our_sample(1, 1000), S)
-    figures["sample32_reference"] = rate(ref_sample(32), S)
-    figures["sample32_charlm"] = rate(our_sample(32, 200), S)
+    if autocast is not None:
+        figures["train_charlm_fp32"] = rate(our_train(None), S, device)
+    figures["eval_charlm"] = rate(our_eval, S, device)
+    figures["sample1_reference"] = rate(ref_sample(1), S, device)
+    figures["sample1_charlm"] = rate(our_sample(1, 1000), S, device)
+    figures["sample32_reference"] = rate(ref_sample(32), S, device)
+    figures["sample32_charlm"] = rate(our_sample(32, 200), S, device)
+    startup = help_seconds()
     ratios = {
         "train (charlm / reference)": figures["train_charlm"] / figures["train_reference"],
         "eval (charlm eval / charlm train)": figures["eval_charlm"] / figures["train_charlm"],
         "sample, 1 stream (charlm / reference)": figures["sample1_charlm"] / figures["sample1_reference"],
         "sample, 32 streams (charlm / reference)": figures["sample32_charlm"] / figures["sample32_reference"],
     }
-    print(
-        f"2x{H} LSTM, vocab {V}, batch {B}, BPTT {T}, {torch.get_num_threads()} threads, {torch.__version__}"
-    )
+    threads = f"{torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
+    precision = "bf16" if autocast is not None else "fp32"
+    print(f"2x{H} LSTM, vocab {V}, batch {B}, BPTT {T}, {where}, charlm in {precision}, {torch.__version__}")
     print(f"{'measurement':<40} {'tokens/s':>12}")
     for name, value in figures.items():
         print(f"{name:<40} {value:>12,.0f}")
     print(f"{'ratio':<40} {'x':>12}")
     for name, value in ratios.items():
         print(f"{name:<40} {value:>12.2f}")
+    print(f"{'charlm --help (s)':<40} {startup:>12.3f}")
     print(
         json.dumps(
             {
                 "tokens_per_s": {k: round(v, 1) for k, v in figures.items()},
                 "ratios": {k: round(v, 3) for k, v in ratios.items()},
                 "config": {"hidden": H, "vocab": V, "batch": B, "bptt": T, "layers": 2},
+                "help_seconds": round(startup, 3),
+                "device": where,
+                "precision": precision,
+                "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
                 "machine": platform.machine(),

@@ -46,6 +46,15 @@ class OptimizerKind(str, Enum):
     adam = "adam"
 
 
+class Precision(str, Enum):
+    """Arithmetic of the training step: ``auto`` uses bf16 autocast where the hardware runs it
+    faster (a CUDA GPU with bf16, a CPU with AVX-512 bf16 or AMX), fp32 elsewhere."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 def _positive(name: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
@@ -108,6 +117,7 @@ class TrainConfig:
     save_seconds: float | None = 300.0  # ... or this many seconds (and at every validation)
     seed: int = 1234
     device: str = "auto"
+    precision: Precision = Precision.auto
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "bptt", "epochs", "eval_every"):
@@ -170,7 +180,11 @@ class RunConfig:
                 tokenizer=TokenizerConfig(TokenizerKind(tok["kind"]), tok["vocab_size"]),
                 model=ModelConfig(**{**model, "cell": Cell(model["cell"])}),
                 train=TrainConfig(
-                    **{**data["train"], "optimizer": OptimizerKind(data["train"]["optimizer"])}
+                    **{
+                        **data["train"],
+                        "optimizer": OptimizerKind(data["train"]["optimizer"]),
+                        "precision": Precision(data["train"].get("precision", "auto")),
+                    }
                 ),
                 corpus=tuple(data.get("corpus", ())),
             )

@@ -61,12 +61,14 @@ def evaluate(
     start_id: int,
     streams: int = EVAL_STREAMS,
     window: int = EVAL_WINDOW,
+    autocast: torch.dtype | None = None,
 ) -> EvalResult:
     """Score ``ids`` (N,), the encoding of a text of ``characters`` characters.
 
     The text is cut into ``streams`` contiguous pieces evaluated in parallel, the hidden state
     carried across windows; the layout depends only on N, so the same text always gets the same
-    figure, in training and in ``charlm eval``.
+    figure, in training and in ``charlm eval``. ``autocast`` (bf16) runs the model's matrix
+    products in that dtype, as the run trained; the loss is summed in fp32 and fp64.
     """
     was_training = model.training
     model.eval()
@@ -77,7 +79,8 @@ def evaluate(
     for i in range(0, layout.inputs.size(0), window):
         x = layout.inputs[i : i + window].to(device)  # (w, B)
         y = layout.targets[i : i + window].to(device)  # (w, B)
-        logits, hidden = model(x, hidden)  # (w, B, V)
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            logits, hidden = model(x, hidden)  # (w, B, V)
         total += F.cross_entropy(
             logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum"
         ).double()
@@ -85,8 +88,10 @@ def evaluate(
     return score(total.item(), layout.tokens, characters)
 
 
-def evaluate_text(model: RNNLM, tokenizer: Tokenizer, text: str) -> EvalResult:
+def evaluate_text(
+    model: RNNLM, tokenizer: Tokenizer, text: str, autocast: torch.dtype | None = None
+) -> EvalResult:
     """Score a text: the path ``charlm eval`` takes, identical to training's validation of the
-    held-out split (which encodes the same text with the same tokenizer)."""
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    return evaluate(model, ids, len(text), tokenizer.newline_id)
+    held-out split (which encodes the same text with the same tokenizer) in the same precision."""
+    ids = torch.from_numpy(tokenizer.encode_array(text))
+    return evaluate(model, ids, len(text), tokenizer.newline_id, autocast=autocast)

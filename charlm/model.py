@@ -79,10 +79,11 @@ class RNNLM(nn.Module):
 
 
 def detach_hidden(hidden: Hidden) -> Hidden:
-    """Cut the graph at a window boundary (truncated BPTT) but keep the values."""
+    """Cut the graph at a window boundary (truncated BPTT) but keep the values, in fp32 (a bf16
+    autocast step returns a bf16 state; the carried state and the checkpoints stay fp32)."""
     if isinstance(hidden, tuple):
-        return (hidden[0].detach(), hidden[1].detach())
-    return hidden.detach()
+        return (hidden[0].detach().float(), hidden[1].detach().float())
+    return hidden.detach().float()
 
 
 def count_parameters(model: nn.Module) -> int:

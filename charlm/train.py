@@ -20,7 +20,7 @@ from charlm import checkpoint
 from charlm.checkpoint import Run, Snapshot
 from charlm.config import OptimizerKind, RunConfig, TrainConfig
 from charlm.data import batchify, count_windows, prepare_corpus, window
-from charlm.device import resolve_device
+from charlm.device import resolve_device, resolve_precision
 from charlm.errors import CheckpointError, ConfigError, CorpusError, TrainingError
 from charlm.evaluate import EvalResult, evaluate
 from charlm.model import RNNLM, Hidden, count_parameters, detach_hidden
@@ -32,7 +32,9 @@ MAX_BAD_STEPS = 3
 RECOVERY_LR = 0.5
 MAX_RECOVERIES = 5
 # Options that may change when a run is resumed (they do not change what was learned so far).
-RESUMABLE_CHANGES = ("epochs", "max_steps", "max_time", "eval_every", "save_steps", "save_seconds", "device")
+RESUMABLE_CHANGES = (
+    "epochs", "max_steps", "max_time", "eval_every", "save_steps", "save_seconds", "device", "precision",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Callbacks(Protocol):
     """What the training loop tells its caller; the CLI renders it, tests may record it."""
 
     def on_status(self, message: str) -> None: ...
+    def on_progress(self, task: str, done: int, total: int) -> None: ...
     def on_step(self, report: StepReport) -> None: ...
     def on_eval(self, record: dict[str, Any]) -> None: ...
 
@@ -63,6 +66,9 @@ class SilentCallbacks:
     """Callbacks that ignore everything (library use, tests)."""
 
     def on_status(self, message: str) -> None:
+        """Ignore."""
+
+    def on_progress(self, task: str, done: int, total: int) -> None:
         """Ignore."""
 
     def on_step(self, report: StepReport) -> None:
@@ -111,6 +117,7 @@ def prepare_run(
         2 * config.train.batch_size,
         encoding,
         cb.on_status,
+        progress=cb.on_progress,
     )
     config = dataclasses.replace(
         config,
@@ -151,14 +158,15 @@ def prepare_resume(
         if fixed:
             raise ConfigError(
                 f"--{fixed[0].replace('_', '-')} cannot change when resuming; only --epochs, --max-steps, "
-                "--max-time, --eval-every, --save-every and --device can"
+                "--max-time, --eval-every, --save-every, --device and --precision can"
             )
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))
     tc = config.train
     sources = list(paths) or [Path(p) for p in config.corpus]
     corpus = prepare_corpus(
-        sources, config.tokenizer, tc.val_fraction, 2 * tc.batch_size, encoding, cb.on_status, run.tokenizer
-    )
+        sources, config.tokenizer, tc.val_fraction, 2 * tc.batch_size, encoding, cb.on_status, run.tokenizer,
+        cb.on_progress,
+    )  # fmt: skip
     if run.corpus_sha256 is not None and corpus.sha256 != run.corpus_sha256:
         raise CorpusError(
             f"{', '.join(map(str, sources))}: not the text {run.path} was trained on (its checksum "
@@ -194,6 +202,7 @@ def train_step(
     y: torch.Tensor,
     hidden: Hidden,
     clip: float,
+    autocast: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Hidden, bool]:
     """One teacher-forced TBPTT update on a window, unless the loss or the gradient is not finite:
     then the weights and the optimizer are left untouched.
@@ -201,13 +210,16 @@ def train_step(
     Args:
         x, y: (T, B) inputs and targets (y is x one step ahead).
         hidden: the state carried from the previous window, already detached.
+        autocast: run the forward pass under autocast to this dtype (bf16), or None for fp32;
+            the weights, the gradients and the optimizer stay in fp32.
 
     Returns:
         The mean loss, the gradient norm before clipping, the new hidden state, and whether the
         update was applied.
     """
-    logits, new_hidden = model(x, hidden)  # (T, B, V)
-    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        logits, new_hidden = model(x, hidden)  # (T, B, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)  # global norm, NaN if any is
@@ -329,10 +341,11 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.config = tc = run.config.train
         self.device = resolve_device(tc.device)
+        self.autocast = resolve_precision(tc.precision, self.device)
         torch.manual_seed(tc.seed)
         self.model = RNNLM(run.config.model).to(self.device)
         self.optimizer = build_optimizer(self.model, tc)
-        self.streams = batchify(train_ids, tc.batch_size).to(self.device)  # (T, B)
+        self.streams = batchify(train_ids, tc.batch_size)  # (B, L), memory-mapped: windows are read as used
         self.steps_per_epoch = count_windows(self.streams, tc.bptt)
         self.val_chars = len(run.heldout_text())
         self.progress = TrainingProgress()
@@ -358,7 +371,8 @@ class Trainer:
         p = self.progress
         where = f" from step {p.step}" if self.resumed_from is not None else ""
         self.cb.on_status(
-            f"training {count_parameters(self.model):,} parameters on {self.device.type}{where}: "
+            f"training {count_parameters(self.model):,} parameters on {self.device.type} in "
+            f"{'bf16' if self.autocast else 'fp32'}{where}: "
             f"{self.streams.numel():,} tokens, {self.steps_per_epoch} steps per epoch"
         )
         while True:
@@ -389,7 +403,8 @@ class Trainer:
                 self.hidden = self.model.init_hidden(tc.batch_size)
             if tc.max_steps is not None and p.step >= tc.max_steps:
                 return "max_steps"
-            self._step(*window(self.streams, p.window, tc.bptt))
+            x, y = window(self.streams, p.window, tc.bptt)  # (T, B) each
+            self._step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             if p.step % tc.eval_every == 0:
                 self._validate()
             elif self._save_due():
@@ -405,7 +420,7 @@ class Trainer:
         p, tc = self.progress, self.config
         self._set_lr()
         loss, grad_norm, hidden, applied = train_step(
-            self.model, self.optimizer, x, y, self.hidden, tc.effective_clip
+            self.model, self.optimizer, x, y, self.hidden, tc.effective_clip, self.autocast
         )
         p.step, p.window, p.tokens = p.step + 1, p.window + 1, p.tokens + x.numel()
         if applied:
@@ -476,7 +491,9 @@ class Trainer:
         if not self._weights_finite():
             self._recover("the weights are not finite")
             return False
-        result = evaluate(self.model, self.val_ids, self.val_chars, self.run.tokenizer.newline_id)
+        result = evaluate(
+            self.model, self.val_ids, self.val_chars, self.run.tokenizer.newline_id, autocast=self.autocast
+        )
         if not math.isfinite(result.loss):
             self._recover("the validation loss is not finite")
             return False

@@ -124,6 +124,18 @@ def test_a_stale_lock_is_taken_over(reference: tuple[Path, Path], tmp_path: Path
     assert json.loads((run / "latest" / "state.json").read_text())["step"] == 8
 
 
+def test_resume_may_change_the_precision(reference: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus, _ = reference
+    run = tmp_path / "run"
+    result = invoke("train", corpus, "--out", run, "--max-steps", "4", "--precision", "bf16", *TINY_MODEL)
+    assert result.exit_code == 0, result.output
+    assert "in bf16" in result.output
+    result = invoke("train", "--resume", "--out", run, "--max-steps", "8", "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+    assert "in fp32 from step 4" in result.output
+    assert json.loads((run / "run.json").read_text())["config"]["train"]["precision"] == "fp32"
+
+
 def test_resume_refuses_another_corpus_and_model_changes(trained_run: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.txt"
     other.write_text("a different text\n" * 500)

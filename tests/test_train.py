@@ -9,7 +9,7 @@ import torch
 
 from charlm import checkpoint
 from charlm.config import ModelConfig, OptimizerKind, RunConfig, TokenizerConfig, TrainConfig
-from charlm.model import RNNLM
+from charlm.model import RNNLM, detach_hidden
 from charlm.train import fit, prepare_run, train_step
 
 
@@ -114,8 +114,8 @@ def test_trainer_carries_the_hidden_state_between_windows(
     calls = []
     real_step = module.train_step
 
-    def spy(model, optimizer, x, y, hidden, clip):  # type: ignore[no-untyped-def]
-        loss, norm, new_hidden, applied = real_step(model, optimizer, x, y, hidden, clip)
+    def spy(model, optimizer, x, y, hidden, clip, autocast=None):  # type: ignore[no-untyped-def]
+        loss, norm, new_hidden, applied = real_step(model, optimizer, x, y, hidden, clip, autocast)
         calls.append((hidden, new_hidden))
         return loss, norm, new_hidden, applied
 
@@ -132,3 +132,34 @@ def test_trainer_carries_the_hidden_state_between_windows(
             previous_out = calls[k - 1][1]
             for h_in, h_out in zip(hidden_in, previous_out, strict=True):
                 assert torch.equal(h_in, h_out.detach()) and not h_in.requires_grad
+
+
+def test_a_bf16_autocast_step_learns_and_keeps_fp32_weights_and_state() -> None:
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig(vocab_size=12, hidden=16, embed=8, dropout=0.0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.arange(12).repeat(4).view(16, 3) % 12  # (T, B): a fixed cycle, easy to learn
+    y = (x + 1) % 12
+    hidden = model.init_hidden(3)
+    losses = []
+    for _ in range(30):
+        loss, _, hidden, applied = train_step(model, optimizer, x, y, hidden, 1.0, torch.bfloat16)
+        hidden = detach_hidden(hidden)
+        losses.append(float(loss))
+        assert applied
+    assert losses[-1] < losses[0] - 0.5
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert all(h.dtype == torch.float32 for h in hidden)
+
+
+def test_precision_auto_uses_bf16_only_where_the_hardware_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from charlm import device as module
+    from charlm.config import Precision
+
+    cpu = torch.device("cpu")
+    assert module.resolve_precision(Precision.fp32, cpu) is None
+    assert module.resolve_precision(Precision.bf16, cpu) is torch.bfloat16  # asked for: emulated
+    monkeypatch.setattr(module, "cpu_has_bf16", lambda: False)
+    assert module.resolve_precision(Precision.auto, cpu) is None
+    monkeypatch.setattr(module, "cpu_has_bf16", lambda: True)
+    assert module.resolve_precision(Precision.auto, cpu) is torch.bfloat16
