@@ -27,50 +27,27 @@ from pathlib import Path
 
 import torch
 
+from charlm import cache
 from charlm.config import TokenizerConfig
+from charlm.corpus import Progress, no_progress, range_chunks, read_range, scan, split_point, text_chunks
 from charlm.errors import CorpusError
-from charlm.tokenizer import Tokenizer, train_tokenizer
+from charlm.tokenizer import Tokenizer, train_tokenizer_from
 
 
 def read_corpus(paths: Sequence[Path], encoding: str = "utf-8") -> str:
-    """The text of one or more files, joined with a newline where a file does not end in one.
+    """The text of one or more files, joined with a newline where a file does not end in one
+    (for texts that fit in memory: ``charlm eval --data``).
 
     Raises:
         CorpusError: a file is missing, a directory, unreadable, binary, not in ``encoding``, or
             the whole text is empty or whitespace only.
     """
-    if not paths:
-        raise CorpusError("no corpus file given")
-    texts = [_read_one(Path(p), encoding) for p in paths]
-    text = "".join(t if t.endswith("\n") or i == len(texts) - 1 else t + "\n" for i, t in enumerate(texts))
+    text = "".join(text_chunks(paths, encoding))
     if not text.strip():
         raise CorpusError(
             f"corpus is {'empty' if not text else 'whitespace only'}: " + ", ".join(str(p) for p in paths)
         )
     return text
-
-
-def _read_one(path: Path, encoding: str) -> str:
-    if not path.exists():
-        raise CorpusError(f"corpus file not found: {path}")
-    if path.is_dir():
-        raise CorpusError(f"corpus is a directory, not a file: {path}")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CorpusError(f"cannot read corpus {path}: {exc.strerror or exc}") from exc
-    nul = raw.find(b"\0")
-    if nul >= 0:
-        raise CorpusError(f"{path} looks binary (NUL byte at offset {nul}); give a text file")
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as exc:
-        raise CorpusError(
-            f"{path} is not valid {encoding}: byte 0x{raw[exc.start]:02x} at offset {exc.start}"
-            " (if it is another encoding, say so with --encoding, e.g. --encoding latin-1)"
-        ) from exc
-    except LookupError as exc:
-        raise CorpusError(f"unknown encoding {encoding!r}") from exc
 
 
 def builtin_corpus() -> str:
@@ -85,45 +62,42 @@ def builtin_corpus() -> str:
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
-    """Split into (train, validation): the validation text is the contiguous tail, never trained on.
-
-    The cut is moved back to the start of a line where one is near, so no word is split.
-    """
-    cut = int(len(text) * (1 - val_fraction))
-    reach = min(1000, (len(text) - cut) // 2)  # never more than half the validation text again
-    line_start = text.rfind("\n", cut - reach, cut)
-    cut = line_start + 1 if line_start >= 0 else cut
+    """Split into (train, validation): the validation text is the contiguous tail, never trained on
+    (see :func:`charlm.corpus.split_point`; this is the same cut on a text in memory)."""
+    cut = split_point(len(text), val_fraction, lambda start, end: text[start:end])
     return text[:cut], text[cut:]
 
 
 def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Lay ``ids`` (N,) out as ``batch_size`` contiguous streams, shape (N // batch_size, batch_size).
+    """Lay ``ids`` (N,) out as ``batch_size`` contiguous streams: a view (B, N // B), no copy, so
+    the ids may stay memory-mapped on disk. Row b is stream b, the columns of the diagram above.
 
     The last ``N % batch_size`` tokens are dropped (less than one per stream).
     """
     length = ids.numel() // batch_size
-    return ids[: length * batch_size].view(batch_size, length).t().contiguous()  # (T, B)
+    return ids[: length * batch_size].view(batch_size, length)  # (B, L)
 
 
 def windows(streams: torch.Tensor, bptt: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive (input, target) windows of ``streams`` (T, B), each (<=bptt, B), target = input
+    """Consecutive (input, target) windows of ``streams`` (B, L), each (<=bptt, B), target = input
     shifted one step ahead in time, from window number ``start``."""
     for index in range(start, count_windows(streams, bptt)):
         yield window(streams, index, bptt)
 
 
 def count_windows(streams: torch.Tensor, bptt: int) -> int:
-    """How many BPTT windows one pass over ``streams`` (T, B) has."""
-    return -(-(streams.size(0) - 1) // bptt)  # ceil
+    """How many BPTT windows one pass over ``streams`` (B, L) has."""
+    return -(-(streams.size(1) - 1) // bptt)  # ceil
 
 
 def window(streams: torch.Tensor, index: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window number ``index`` of ``streams`` (T, B): input rows index*bptt .. +bptt-1, (<=bptt, B),
-    and the target rows one step later. Addressed by number, so a resumed run continues at the
-    exact window it stopped at."""
+    """Window number ``index`` of ``streams`` (B, L): input steps index*bptt .. +bptt-1 as (<=bptt, B)
+    int64, and the targets one step later. Addressed by number, so a resumed run continues at the
+    exact window it stopped at. Only this window is read (from disk if the ids are mapped)."""
     i = index * bptt
-    n = min(bptt, streams.size(0) - 1 - i)
-    return streams[i : i + n], streams[i + 1 : i + 1 + n]
+    n = min(bptt, streams.size(1) - 1 - i)
+    block = streams[:, i : i + n + 1].t().contiguous().long()  # (n + 1, B)
+    return block[:-1], block[1:]
 
 
 @dataclass(frozen=True)
@@ -141,7 +115,7 @@ class EvalStreams:
 
 def eval_streams(ids: torch.Tensor, start_id: int, streams: int) -> EvalStreams:
     """Lay out ``ids`` (N,) so that all N tokens are predicted, each from the tokens before it."""
-    n = ids.numel()
+    ids, n = ids.long(), ids.numel()
     streams = max(1, min(streams, n))
     length = -(-n // streams)  # ceil
     inputs = torch.full((streams * length,), start_id, dtype=torch.long)
@@ -159,10 +133,11 @@ class Corpus:
     """A corpus ready for training: its tokenizer and the encoded train and validation parts."""
 
     tokenizer: Tokenizer
-    train_ids: torch.Tensor  # (N,)
+    train_ids: torch.Tensor  # (N,) uint16 or int32, memory-mapped from the token cache
     val_ids: torch.Tensor  # (M,)
     val_text: str
     sha256: str  # of the whole corpus text, so a resumed run can tell it is training on the same
+    cached: bool  # the ids came from the cache (nothing was encoded)
 
 
 def prepare_corpus(
@@ -173,35 +148,73 @@ def prepare_corpus(
     encoding: str = "utf-8",
     status: Callable[[str], None] = lambda message: None,
     tokenizer: Tokenizer | None = None,
+    progress: Progress = no_progress,
 ) -> Corpus:
     """Read the corpus, split off the validation tail, train the tokenizer on the training part
     only (validation characters it never saw fall back to bytes) and encode both parts.
 
-    A resumed run passes its own ``tokenizer``, which is used as it is.
+    The corpus streams through in pieces and its ids go to memory-mapped files in the token cache
+    (:mod:`charlm.cache`), so memory stays bounded whatever its size, and a second run on the same
+    text, split and tokenizer encodes nothing. The validation text is held in memory (it is
+    ``val_fraction`` of the corpus). A resumed run passes its own ``tokenizer``, used as it is.
 
     Raises:
         CorpusError: unusable, or too small for the split or for ``min_train_tokens``.
         TokenizerError: the tokenizer cannot be built.
     """
-    text = read_corpus(paths, encoding)
-    train_text, val_text = split_text(text, val_fraction)
-    if not val_text.strip() or not train_text.strip():
+    info = scan(paths, encoding, progress)
+    cut = split_point(
+        info.characters, val_fraction, lambda start, end: read_range(paths, encoding, start, end)
+    )
+    val_text = read_range(paths, encoding, cut, info.characters)
+    if not val_text.strip() or info.first_text >= cut:
         raise CorpusError(
-            f"corpus of {len(text)} characters is too small to split off --val-fraction {val_fraction}"
+            f"corpus of {info.characters} characters is too small to split off --val-fraction {val_fraction}"
         )
+
+    def train_text() -> Iterator[str]:
+        return range_chunks(paths, encoding, 0, cut)
+
     if tokenizer is None:
-        status(f"training {tokenizer_config.kind.value} tokenizer on {len(train_text):,} characters")
-        tokenizer = train_tokenizer(train_text, tokenizer_config)
-    status("encoding corpus")
-    train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
+        kind = tokenizer_config.kind.value
+        name = cache.key("tokenizer", info.sha256, val_fraction, kind, tokenizer_config.vocab_size)
+
+        def build_tokenizer() -> bytes:
+            status(f"training {kind} tokenizer on {cut:,} characters")
+            return train_tokenizer_from(train_text, tokenizer_config).to_bytes()
+
+        tokenizer = Tokenizer.from_bytes(cache.cached_bytes(name, build_tokenizer))
+
+    def encode(directory: Path) -> dict[str, cache.TokenFile]:
+        status(f"encoding {info.characters:,} characters into {cache.cache_dir()}")
+        train = cache.IdWriter(directory / "train.ids", tokenizer.vocab_size)
+        for ids in tokenizer.encode_stream(_reporting(train_text(), cut, progress)):
+            train.write(ids)
+        val = cache.IdWriter(directory / "val.ids", tokenizer.vocab_size)
+        val.write(tokenizer.encode_array(val_text))
+        return {"train": train.close(), "val": val.close()}
+
+    entry = cache.key("ids", info.sha256, val_fraction, hashlib.sha256(tokenizer.to_bytes()).hexdigest())
+    files, cached = cache.cached_ids(entry, encode)
+    if cached:
+        status(f"token ids from the cache ({files['train'].count + files['val'].count:,} tokens)")
+    train_ids = torch.from_numpy(files["train"].open())
     if train_ids.numel() < min_train_tokens:
         raise CorpusError(
             f"corpus too small: {train_ids.numel()} training tokens, need at least {min_train_tokens} "
             "for the batch layout; use a larger corpus or a smaller --batch-size"
         )
-    val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return Corpus(tokenizer, train_ids, val_ids, val_text, digest)
+    val_ids = torch.from_numpy(files["val"].open())
+    return Corpus(tokenizer, train_ids, val_ids, val_text, info.sha256, cached)
+
+
+def _reporting(chunks: Iterator[str], total: int, progress: Progress) -> Iterator[str]:
+    """Pass ``chunks`` through, reporting characters done out of ``total``."""
+    done = 0
+    for text in chunks:
+        yield text
+        done += len(text)
+        progress("encoding corpus", done, total)
 
 
 if __name__ == "__main__":  # `python -m charlm.data FILE` writes the built-in corpus (make demo)

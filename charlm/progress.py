@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, RenderableType
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -53,6 +60,8 @@ class TrainProgress:
             expand=True,
         )
         self._task = self._progress.add_task("train", total=1.0, start=False, epoch="-", step=0)
+        self._data: Progress | None = None
+        self._data_tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> TrainProgress:
         return self  # the bar appears with the first step: a run refused before it shows none
@@ -60,12 +69,29 @@ class TrainProgress:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._data is not None:
+            self._data.stop()
         if self._progress.live.is_started:
             self._progress.stop()
 
     def on_status(self, message: str) -> None:
         """A phase of the run (tokenizer, encoding, model size)."""
         self._progress.console.print(f"[dim]{escape(message)}[/]", soft_wrap=True, highlight=False)
+
+    def on_progress(self, task: str, done: int, total: int) -> None:
+        """A bar for a long pass over the corpus (reading, encoding), gone when it is done."""
+        if self._data is None:
+            self._data = Progress(
+                TextColumn("{task.description}"), BarColumn(bar_width=None), TaskProgressColumn(),
+                TimeRemainingColumn(), console=self.console, transient=True,
+            )  # fmt: skip
+        if task not in self._data_tasks:
+            self._data_tasks[task] = self._data.add_task(task, total=total)
+            self._data.start()
+        self._data.update(self._data_tasks[task], completed=done, total=total)
+        if done >= total:
+            self._data.stop()
+            self._data, self._data_tasks = None, {}
 
     def on_step(self, report: StepReport) -> None:
         """Update the bar from a :class:`charlm.train.StepReport`."""

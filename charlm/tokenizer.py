@@ -12,9 +12,11 @@ multi-byte characters split into byte pieces).
 from __future__ import annotations
 
 import io
+import itertools
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import sentencepiece as spm
 
 from charlm.config import TokenizerConfig, TokenizerKind
@@ -25,7 +27,8 @@ ESC = "\ue000"  # a private-use character, escaped itself, so escaping is a bije
 _UNESCAPE = re.compile(ESC + "([" + ESC + "_])")
 NEWLINE = "\n"
 _TRAIN_LINE_CHARS = 2000  # SentencePiece skips training "sentences" over 4192 bytes
-_TRAIN_MAX_LINES = 2_000_000  # a sample this large gives the same vocabulary, faster
+_TRAIN_MAX_LINES = 2_000_000  # a sample this large gives the same vocabulary, faster ...
+_TRAIN_MAX_CHARS = 20_000_000  # ... and fits in memory whatever the corpus
 _ENCODE_CHUNK_CHARS = 1 << 20
 _BYTE_PIECES = 256
 
@@ -68,16 +71,33 @@ class Tokenizer:
         return int(self._sp.get_piece_size())
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; ``decode(encode(text)) == text`` for any string without surrogates.
+        """Token ids of ``text``; ``decode(encode(text)) == text`` for any string without surrogates."""
+        return self.encode_array(text).tolist()
 
-        Long texts are encoded in chunks cut after a newline: the newline is a piece of its own,
-        so cutting there changes nothing, and SentencePiece encodes the chunks in parallel.
+    def encode_array(self, text: str) -> np.ndarray:
+        """:meth:`encode` as an array (int32)."""
+        return np.concatenate([np.zeros(0, np.int32), *self.encode_stream([text])])
+
+    def encode_stream(self, chunks: Iterable[str], batch: int = 4) -> Iterator[np.ndarray]:
+        """Token ids of a text given in pieces of any size, as arrays (int32), in order: the same
+        ids as :meth:`encode` of the whole text, in bounded memory.
+
+        The text is re-cut into pieces of about 1M characters, each ending just after a newline
+        where it has one: the newline is a piece of its own, so cutting there changes nothing, and
+        SentencePiece encodes ``batch`` pieces at a time in parallel.
         """
-        chunks = list(_chunks(escape(text), _ENCODE_CHUNK_CHARS))
-        ids: list[int] = []
-        for chunk_ids in self._sp.encode(chunks, num_threads=0):
-            ids.extend(chunk_ids)
-        return ids
+        pieces: list[str] = []
+        for piece in _cut_after_newlines(map(escape, chunks), _ENCODE_CHUNK_CHARS):
+            pieces.append(piece)
+            if len(pieces) == batch:
+                yield from self._encode_batch(pieces)
+                pieces = []
+        yield from self._encode_batch(pieces)
+
+    def _encode_batch(self, pieces: list[str]) -> Iterator[np.ndarray]:
+        if pieces:
+            for ids in self._sp.encode(pieces, num_threads=0):
+                yield np.array(ids, dtype=np.int32)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``, exactly what :meth:`encode` was given."""
@@ -156,46 +176,69 @@ class StreamDecoder:
         return False
 
 
-def _chunks(text: str, size: int) -> Iterator[str]:
-    """Pieces of ``text`` of about ``size`` characters, each cut just after a newline if any."""
-    start = 0
-    while start < len(text):
-        end = start + size
-        if end < len(text):
-            cut = text.rfind(NEWLINE, start, end)
-            end = cut + 1 if cut >= start else end
-        yield text[start:end]
-        start = end
+def _cut_after_newlines(chunks: Iterable[str], size: int) -> Iterator[str]:
+    """Re-cut a stream of text into pieces of about ``size`` characters, each ending just after
+    the last newline within its first ``size`` characters where there is one."""
+    buffer = ""
+    for text in chunks:
+        buffer, start = buffer + text, 0
+        while len(buffer) - start > size:
+            newline = buffer.rfind(NEWLINE, start, start + size)
+            end = newline + 1 if newline >= 0 else start + size
+            yield buffer[start:end]
+            start = end
+        buffer = buffer[start:]
+    if buffer:
+        yield buffer
 
 
-def _training_lines(text: str) -> Iterator[str]:
-    """Lines for SentencePiece's trainer (newlines removed: the newline is a user symbol),
-    long lines cut to a length it accepts, at most ``_TRAIN_MAX_LINES`` evenly spread lines."""
-    lines = [
-        line[i : i + _TRAIN_LINE_CHARS]
-        for line in text.split(NEWLINE)
-        for i in range(0, max(len(line), 1), _TRAIN_LINE_CHARS)
-    ]
-    stride = -(-len(lines) // _TRAIN_MAX_LINES)  # ceil: at most _TRAIN_MAX_LINES lines
-    return iter(lines[::stride])
+def _segments(chunks: Iterable[str]) -> Iterator[str]:
+    """The lines of a text given in pieces (newlines removed: the newline is a user symbol), long
+    lines cut into segments SentencePiece's trainer accepts."""
+    size, partial = _TRAIN_LINE_CHARS, ""
+    for text in chunks:
+        lines = (partial + text).split(NEWLINE)
+        partial = lines.pop()
+        for line in lines:
+            yield from (line[i : i + size] for i in range(0, max(len(line), 1), size))
+        done = (len(partial) - 1) // size * size  # whole segments of an unfinished line, not its end
+        if done > 0:
+            yield from (partial[i : i + size] for i in range(0, done, size))
+            partial = partial[done:]
+    yield from (partial[i : i + size] for i in range(0, max(len(partial), 1), size))
 
 
 def train_tokenizer(text: str, config: TokenizerConfig) -> Tokenizer:
-    """Train a SentencePiece model of ``config.kind`` on ``text``.
+    """Train a SentencePiece model of ``config.kind`` on ``text`` (see :func:`train_tokenizer_from`)."""
+    return train_tokenizer_from(lambda: [text], config)
 
-    For ``char`` the vocabulary is every character of ``text`` (character coverage 1.0) plus 256
-    byte pieces, whatever ``config.vocab_size`` says. For ``bpe`` and ``unigram`` the vocabulary
-    is exactly ``config.vocab_size`` pieces, which must leave room for the byte pieces and every
-    character, and not exceed what the text supports.
+
+def train_tokenizer_from(chunks: Callable[[], Iterable[str]], config: TokenizerConfig) -> Tokenizer:
+    """Train a SentencePiece model of ``config.kind`` on the text ``chunks()`` gives in pieces
+    (called twice: once to count, once to train), so a corpus of any size streams through.
+
+    The trainer sees evenly spread lines, at most ``_TRAIN_MAX_LINES`` of them and about
+    ``_TRAIN_MAX_CHARS`` characters: a sample this large gives the same vocabulary, faster and in
+    bounded memory; characters outside it still encode, as bytes.
+
+    For ``char`` the vocabulary is every character of the sample (character coverage 1.0) plus
+    256 byte pieces, whatever ``config.vocab_size`` says. For ``bpe`` and ``unigram`` the
+    vocabulary is exactly ``config.vocab_size`` pieces, which must leave room for the byte pieces
+    and every character, and not exceed what the text supports.
 
     Raises:
         TokenizerError: if SentencePiece refuses (for example a vocabulary the text cannot fill).
     """
+    lines = characters = 0
+    for segment in _segments(map(escape, chunks())):
+        lines, characters = lines + 1, characters + len(segment)
+    stride = max(-(-lines // _TRAIN_MAX_LINES), -(-characters // _TRAIN_MAX_CHARS), 1)
+    sample = itertools.islice(_segments(map(escape, chunks())), 0, None, stride)
     is_char = config.kind is TokenizerKind.char
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(escape(text)),
+            sentence_iterator=sample,
             model_writer=buffer,
             model_type=config.kind.value,
             vocab_size=1_000_000 if is_char else config.vocab_size,

@@ -30,6 +30,13 @@ TINY_MODEL = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _token_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the token cache of the test session out of the user's ~/.cache (shared by its tests;
+    subprocesses inherit it through the environment)."""
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 def invoke(*args: str) -> Result:
     """Run the CLI in-process, as a user would type it."""
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -240,14 +241,14 @@ def test_user_mistakes_get_one_line_and_an_exit_code(
 
 
 def test_an_unreadable_corpus(in_tmp: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = Path.read_bytes
+    real = Path.open
 
-    def deny(self: Path) -> bytes:
+    def deny(self: Path, *args: Any, **kwargs: Any) -> Any:
         if self == corpus:
             raise PermissionError(13, "Permission denied")  # chmod 000 does not stop root, so simulate
-        return real(self)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    monkeypatch.setattr(Path, "open", deny)
     result = invoke("train", corpus, *TINY_MODEL)
     assert (
         result.exit_code == 1
@@ -289,3 +290,18 @@ def test_help_is_fast_because_it_does_not_import_torch() -> None:
 def test_python_dash_m_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "charlm", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "sample" in out.stdout
+
+
+def test_the_data_progress_bar_renders_and_goes_away() -> None:
+    import io
+
+    from rich.console import Console
+
+    from charlm.progress import TrainProgress
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=80)
+    with TrainProgress(console) as progress:
+        progress.on_progress("encoding corpus", 5, 10)
+        progress.on_progress("encoding corpus", 10, 10)  # done: the bar is removed
+        progress.on_progress("reading corpus", 1, 4)  # a later pass gets a new bar
+    assert "encoding corpus" in console.file.getvalue() and "reading corpus" in console.file.getvalue()

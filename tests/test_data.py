@@ -9,27 +9,32 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from charlm.data import batchify, eval_streams, read_corpus, split_text, windows
+from charlm.data import batchify, eval_streams, read_corpus, split_text, window, windows
 from charlm.errors import CorpusError
 
 
 def test_batchify_matches_the_documented_diagram() -> None:
-    streams = batchify(torch.arange(24), 4)  # a..x in the module docstring
-    assert streams.shape == (6, 4)
-    assert streams[:, 0].tolist() == [0, 1, 2, 3, 4, 5]  # a b c d e f
-    assert streams[0].tolist() == [0, 6, 12, 18]  # a g m s
+    ids = torch.arange(24)
+    streams = batchify(ids, 4)  # a..x in the module docstring
+    assert streams.shape == (4, 6)  # (B, L): the diagram's columns are its rows
+    assert streams.data_ptr() == ids.data_ptr()  # a view: memory-mapped ids stay on disk
+    assert streams[0].tolist() == [0, 1, 2, 3, 4, 5]  # a b c d e f
+    assert streams[:, 0].tolist() == [0, 6, 12, 18]  # a g m s
+    x, y = window(streams, 0, 2)
+    assert x.tolist() == [[0, 6, 12, 18], [1, 7, 13, 19]] and y.tolist() == [[1, 7, 13, 19], [2, 8, 14, 20]]
 
 
 @given(n=st.integers(2, 300), batch=st.integers(1, 9), bptt=st.integers(1, 20))
 def test_windows_cover_each_stream_once_with_targets_one_step_ahead(n: int, batch: int, bptt: int) -> None:
-    ids = torch.arange(n)
+    ids = torch.arange(n).to(torch.uint16)  # as the token cache stores them
     streams = batchify(ids, batch)
-    if streams.size(0) < 2:
+    if streams.size(1) < 2:
         assert list(windows(streams, bptt)) == []
         return
     xs, ys = zip(*windows(streams, bptt), strict=True)
     x, y = torch.cat(xs), torch.cat(ys)
-    assert torch.equal(x, streams[:-1])  # every position is an input exactly once, in order
+    assert x.dtype == torch.long
+    assert torch.equal(x, streams[:, :-1].t().long())  # every position is an input exactly once, in order
     assert torch.equal(y, x + 1)  # the target is the next token of the same stream
     assert all(w.size(0) <= bptt for w in xs)
 
