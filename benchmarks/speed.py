@@ -11,8 +11,8 @@ symbols (charlm's char tokenizer adds 256 byte-fallback pieces: 324 outputs, on 
   norm clipping); charlm is :func:`charlm.train.train_step` on :class:`charlm.model.RNNLM` in the
   precision ``--precision auto`` picks on this device (bf16 autocast on a GPU with bf16 or a CPU with
   AVX-512 bf16 / AMX, else fp32; when it picks bf16, charlm's fp32 step is measured too);
-- evaluation: :func:`charlm.evaluate.evaluate` (no autograd, 32 long streams), against charlm's own
-  training throughput;
+- evaluation: :func:`charlm.evaluate.evaluate` (no autograd, 32 long streams, in the same precision
+  as charlm's training, as ``charlm eval`` scores a run), against charlm's own training throughput;
 - sampling: the reference calls ``nn.LSTM`` once per token and samples from the softmax (what most
   tools do); charlm is :func:`charlm.generate.generate`, the whole path of ``charlm sample``
   (prime, set-up, picking, streaming decoding), for one sample of 1000 tokens and for 32 samples
@@ -148,7 +148,9 @@ def main() -> None:
     eval_ids = torch.randint(0, V, (200_000,))
 
     def our_eval() -> int:
-        evaluate(model, eval_ids, eval_ids.numel(), 0)
+        evaluate(
+            model, eval_ids, eval_ids.numel(), 0, autocast=autocast
+        )  # as charlm eval: the run's precision
         return eval_ids.numel()
 
     def ref_sample(streams: int) -> Callable[[], int]:

@@ -28,6 +28,7 @@ from charlm.config import (
     Precision,
     RunConfig,
     SampleConfig,
+    Softmax,
     TokenizerConfig,
     TokenizerKind,
     TrainConfig,
@@ -126,6 +127,13 @@ def train(
     tie_weights: Annotated[
         bool, typer.Option(help="Share embedding and decoder weights (needs --embed = --hidden).")
     ] = MODEL.tie_weights,
+    softmax: Annotated[
+        Softmax,
+        typer.Option(
+            help="Output layer: full, or adaptive (cheaper for bpe/unigram vocabularies of thousands "
+            "of pieces; not with --tie-weights)."
+        ),
+    ] = MODEL.softmax,
     batch_size: Annotated[int, typer.Option(help="Parallel token streams per step.")] = TRAIN.batch_size,
     bptt: Annotated[int, typer.Option(help="Tokens per truncated-BPTT window.")] = TRAIN.bptt,
     optimizer: Annotated[
@@ -208,7 +216,13 @@ def train(
         config = RunConfig(
             tokenizer=TokenizerConfig(tokenizer, vocab_size),
             model=ModelConfig(
-                cell=cell, layers=layers, hidden=hidden, embed=embed, dropout=dropout, tie_weights=tie_weights
+                cell=cell,
+                layers=layers,
+                hidden=hidden,
+                embed=embed,
+                dropout=dropout,
+                tie_weights=tie_weights,
+                softmax=softmax,
             ),
             train=train_config,
         )
@@ -403,7 +417,7 @@ def eval_(
 
         loaded, model = _open(run, checkpoint, device)
         text = read_corpus([data], encoding) if data else loaded.heldout_text()
-        dtype = resolve_precision(precision or loaded.config.train.precision, model.decoder.weight.device)
+        dtype = resolve_precision(precision or loaded.config.train.precision, model.device)
         result = evaluate_text(model, loaded.tokenizer, text, dtype).to_dict()
         result["precision"] = "bf16" if dtype is not None else "fp32"
         result["run"] = str(loaded.path)

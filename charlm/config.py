@@ -46,6 +46,14 @@ class OptimizerKind(str, Enum):
     adam = "adam"
 
 
+class Softmax(str, Enum):
+    """Output layer: a full softmax over the vocabulary, or an adaptive softmax (Grave et al. 2017)
+    that gives rare tokens smaller, cheaper clusters, for vocabularies of thousands of pieces."""
+
+    full = "full"
+    adaptive = "adaptive"
+
+
 class Precision(str, Enum):
     """Arithmetic of the training step: ``auto`` uses bf16 autocast where the hardware runs it
     faster (a CUDA GPU with bf16, a CPU with AVX-512 bf16 or AMX), fp32 elsewhere."""
@@ -83,6 +91,7 @@ class ModelConfig:
     embed: int = 384
     dropout: float = 0.1
     tie_weights: bool = False
+    softmax: Softmax = Softmax.full
 
     def __post_init__(self) -> None:
         if self.vocab_size < 0:
@@ -91,6 +100,10 @@ class ModelConfig:
             _positive(f"--{name.replace('_', '-')}", getattr(self, name))
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.tie_weights and self.softmax is Softmax.adaptive:
+            raise ConfigError(
+                "--tie-weights needs the full softmax (--softmax adaptive has no one decoder matrix)"
+            )
         if self.tie_weights and self.embed != self.hidden:
             raise ConfigError(
                 f"--tie-weights needs --embed equal to --hidden (got {self.embed} and {self.hidden})"
@@ -178,7 +191,9 @@ class RunConfig:
             model = data["model"]
             return cls(
                 tokenizer=TokenizerConfig(TokenizerKind(tok["kind"]), tok["vocab_size"]),
-                model=ModelConfig(**{**model, "cell": Cell(model["cell"])}),
+                model=ModelConfig(
+                    **{**model, "cell": Cell(model["cell"]), "softmax": Softmax(model.get("softmax", "full"))}
+                ),
                 train=TrainConfig(
                     **{
                         **data["train"],

@@ -208,6 +208,15 @@ def prepare_corpus(
     return Corpus(tokenizer, train_ids, val_ids, val_text, info.sha256, cached)
 
 
+def token_counts(ids: torch.Tensor, vocab_size: int, chunk: int = 1 << 24) -> torch.Tensor:
+    """How often each token occurs in ``ids`` (N,), (V,), counted a chunk at a time (the ids may
+    be memory-mapped and larger than memory)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for start in range(0, ids.numel(), chunk):
+        counts += torch.bincount(ids[start : start + chunk].long(), minlength=vocab_size)
+    return counts
+
+
 def _reporting(chunks: Iterator[str], total: int, progress: Progress) -> Iterator[str]:
     """Pass ``chunks`` through, reporting characters done out of ``total``."""
     done = 0

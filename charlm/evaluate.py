@@ -16,7 +16,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.nn import functional as F
 
 from charlm.data import eval_streams
 from charlm.model import RNNLM
@@ -72,7 +71,7 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    device = model.decoder.weight.device
+    device = model.device
     layout = eval_streams(ids, start_id, streams)
     hidden = None
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -80,10 +79,8 @@ def evaluate(
         x = layout.inputs[i : i + window].to(device)  # (w, B)
         y = layout.targets[i : i + window].to(device)  # (w, B)
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            logits, hidden = model(x, hidden)  # (w, B, V)
-        total += F.cross_entropy(
-            logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum"
-        ).double()
+            output, hidden = model.features(x, hidden)  # (w, B, H)
+            total += model.loss(output, y, reduction="sum").double()
     model.train(was_training)
     return score(total.item(), layout.tokens, characters)
 

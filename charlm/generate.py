@@ -84,7 +84,7 @@ def generate(
     :class:`Stepper` on the CPU, through the module (cuDNN) on a GPU.
     """
     model.eval()
-    device = model.decoder.weight.device
+    device = model.device
     n = config.num_samples
     context = [tokenizer.newline_id, *tokenizer.encode(config.prime)]
     logits, hidden = model(torch.tensor(context, device=device).view(-1, 1))  # (T, 1, V)

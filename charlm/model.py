@@ -1,11 +1,13 @@
-"""The recurrent language model: embedding -> stacked LSTM/GRU/RNN -> dropout -> (tied) decoder."""
+"""The recurrent language model: embedding -> stacked LSTM/GRU/RNN -> dropout -> output layer: a
+(tied) decoder and full softmax, or an adaptive softmax over frequency-sorted tokens."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from charlm.config import Cell, ModelConfig
+from charlm.config import Cell, ModelConfig, Softmax
 
 Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 """(layers, B, H) for GRU and RNN; the pair (h, c) of such tensors for LSTM."""
@@ -28,16 +30,26 @@ class RNNLM(nn.Module):
             config.layers,
             dropout=config.dropout if config.layers > 1 else 0.0,
         )
-        self.decoder = nn.Linear(config.hidden, config.vocab_size)
+        self.decoder: nn.Linear | None = None
+        self.head: nn.AdaptiveLogSoftmaxWithLoss | None = None
+        if config.softmax is Softmax.adaptive:
+            self.head = nn.AdaptiveLogSoftmaxWithLoss(
+                config.hidden, config.vocab_size, adaptive_cutoffs(config.vocab_size), div_value=4.0
+            )
+            # rank[token]: its place by training frequency (the head needs frequent tokens first)
+            self.register_buffer("rank", torch.arange(config.vocab_size))
+        else:
+            self.decoder = nn.Linear(config.hidden, config.vocab_size)
         if config.tie_weights:  # Press & Wolf 2017; ModelConfig checked embed == hidden
             self.decoder.weight = self.embedding.weight
         self._init_weights()
 
     def _init_weights(self) -> None:
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-        if not self.config.tie_weights:
-            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
+        if self.decoder is not None:
+            if not self.config.tie_weights:
+                nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+            nn.init.zeros_(self.decoder.bias)
         if self.config.cell is Cell.lstm:
             self._init_forget_bias(1.0)
 
@@ -57,25 +69,77 @@ class RNNLM(nn.Module):
 
     def init_hidden(self, batch_size: int) -> Hidden:
         """Zero hidden state for ``batch_size`` streams, on the model's device and dtype."""
-        weight = self.decoder.weight
+        weight = self.embedding.weight
         shape = (self.config.layers, batch_size, self.config.hidden)
         if self.config.cell is Cell.lstm:
             return (weight.new_zeros(shape), weight.new_zeros(shape))
         return weight.new_zeros(shape)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return self.embedding.weight.device
+
+    def sort_by_frequency(self, counts: torch.Tensor) -> None:
+        """Give the adaptive softmax its token order: ``counts`` (V,) of each token in training."""
+        if self.head is not None:
+            order = torch.argsort(counts.to(self.rank.device), descending=True, stable=True)
+            self.rank[order] = torch.arange(order.numel(), device=self.rank.device)
+
+    def features(self, tokens: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
+        """The last layer's output at every position, after dropout: (T, B, H), and the final state.
+
+        Args:
+            tokens: (T, B) token ids.
+            hidden: state from the previous window, or None for zeros.
+        """
+        emb = self.drop(self.embedding(tokens))  # (T, B, E)
+        output, hidden = self.rnn(emb, hidden)  # (T, B, H)
+        return self.drop(output), hidden
+
+    def logits(self, output: torch.Tensor) -> torch.Tensor:
+        """Scores (..., V) of the next token from :meth:`features` output (..., H): logits of the
+        full softmax, or the adaptive softmax's log-probabilities (as good as logits to sample)."""
+        if self.head is None:
+            assert self.decoder is not None
+            return self.decoder(output)
+        with torch.autocast(output.device.type, enabled=False):
+            flat = self.head.log_prob(output.reshape(-1, output.size(-1)).float())  # (N, V) in rank order
+        return flat[:, self.rank].view(*output.shape[:-1], -1)  # token order
+
+    def loss(self, output: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy (nats) of ``targets`` (T, B) given :meth:`features` output (T, B, H);
+        ``reduction``: "mean" (training), or "sum", which ignores targets of -100 (evaluation
+        padding; the adaptive softmax drops them without a device sync only in this case)."""
+        flat, targets = output.reshape(-1, output.size(-1)), targets.reshape(-1)  # (N, H), (N,)
+        if self.head is None:
+            logits = self.logits(flat).float()  # (N, V)
+            return F.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
+        if reduction == "sum":
+            keep = targets != -100
+            flat, targets = flat[keep], targets[keep]
+        with torch.autocast(flat.device.type, enabled=False):  # its index_copy_ mixes dtypes under bf16
+            target_logp = self.head(flat.float(), self.rank[targets]).output  # (N,)
+        return -target_logp.sum() if reduction == "sum" else -target_logp.mean()
+
     def forward(self, tokens: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
-        """Logits for the next token at every position.
+        """Scores for the next token at every position (see :meth:`logits`).
 
         Args:
             tokens: (T, B) token ids.
             hidden: state from the previous window, or None for zeros.
 
         Returns:
-            logits (T, B, V) and the final hidden state.
+            scores (T, B, V) and the final hidden state.
         """
-        emb = self.drop(self.embedding(tokens))  # (T, B, E)
-        output, hidden = self.rnn(emb, hidden)  # (T, B, H)
-        return self.decoder(self.drop(output)), hidden  # (T, B, V)
+        output, hidden = self.features(tokens, hidden)  # (T, B, H)
+        return self.logits(output), hidden  # (T, B, V)
+
+
+def adaptive_cutoffs(vocab_size: int) -> list[int]:
+    """Cluster bounds of the adaptive softmax: the most frequent eighth of the vocabulary in the
+    head, the next three eighths in a 4x smaller cluster, the rest in a 16x smaller one."""
+    return [max(1, vocab_size // 8), max(2, vocab_size // 2)]
 
 
 def detach_hidden(hidden: Hidden) -> Hidden:

@@ -70,8 +70,11 @@ class Stepper:
         self.b_x = [b_ih[i] + b_hh[i] if self.fused else b_ih[i] for i in range(self.layers)]
         self.w_hh = [w.T for w in w_hh]  # (H, G) views of (G, H): x @ W.T reads W row by row
         self.b_hh = b_hh
-        self.w_out = model.decoder.weight.detach().float().cpu().numpy().T  # (H, V)
-        self.b_out = model.decoder.bias.detach().float().cpu().numpy()  # (V,)
+        self.model = model
+        self.full = model.decoder is not None  # else the adaptive softmax: through the module
+        if model.decoder is not None:
+            self.w_out = model.decoder.weight.detach().float().cpu().numpy().T  # (H, V)
+            self.b_out = model.decoder.bias.detach().float().cpu().numpy()  # (V,)
 
     def state_from(self, hidden: Hidden) -> list:
         """Convert ``nn.LSTM``-style hidden state ((layers, B, H), or a pair) to a Stepper state."""
@@ -119,6 +122,9 @@ class Stepper:
                 h = np.tanh(gi)  # (B, H)
                 new_state.append(h)
             x = h
+        if not self.full:
+            with torch.no_grad():
+                return self.model.logits(torch.from_numpy(x)).numpy(), new_state  # (B, V)
         logits = x @ self.w_out  # (B, V)
         logits += self.b_out
         return logits, new_state

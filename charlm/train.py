@@ -14,12 +14,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from charlm import checkpoint
 from charlm.checkpoint import Run, Snapshot
 from charlm.config import OptimizerKind, RunConfig, TrainConfig
-from charlm.data import batchify, count_windows, prepare_corpus, window
+from charlm.data import batchify, count_windows, prepare_corpus, token_counts, window
 from charlm.device import resolve_device, resolve_precision
 from charlm.errors import CheckpointError, ConfigError, CorpusError, TrainingError
 from charlm.evaluate import EvalResult, evaluate
@@ -218,8 +217,8 @@ def train_step(
         update was applied.
     """
     with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        logits, new_hidden = model(x, hidden)  # (T, B, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        output, new_hidden = model.features(x, hidden)  # (T, B, H)
+        loss = model.loss(output, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)  # global norm, NaN if any is
@@ -344,6 +343,8 @@ class Trainer:
         self.autocast = resolve_precision(tc.precision, self.device)
         torch.manual_seed(tc.seed)
         self.model = RNNLM(run.config.model).to(self.device)
+        if self.model.head is not None:  # the adaptive softmax wants frequent tokens first
+            self.model.sort_by_frequency(token_counts(train_ids, run.config.model.vocab_size))
         self.optimizer = build_optimizer(self.model, tc)
         self.streams = batchify(train_ids, tc.batch_size)  # (B, L), memory-mapped: windows are read as used
         self.steps_per_epoch = count_windows(self.streams, tc.bptt)

@@ -57,12 +57,15 @@ def test_a_second_run_gets_a_new_directory(in_tmp: Path, corpus: Path) -> None:
         ["--cell", "gru", "--tokenizer", "bpe", "--vocab-size", "400"],
         ["--cell", "rnn", "--tokenizer", "unigram", "--vocab-size", "400", "--layers", "1"],
         ["--tie-weights", "--embed", "32", "--optimizer", "sgd", "--dropout", "0"],
+        ["--tokenizer", "bpe", "--vocab-size", "500", "--softmax", "adaptive", "--precision", "fp32"],
     ],
 )
 def test_train_every_cell_and_tokenizer(in_tmp: Path, corpus: Path, options: list[str]) -> None:
     result = invoke("train", corpus, "--out", "run", "--max-steps", "3", *TINY_MODEL, *options)
     assert result.exit_code == 0, result.output
     assert invoke("sample", "run", "--length", "20", "--seed", "1").exit_code == 0
+    report = json.loads(invoke("eval", "run", "--json").stdout)
+    assert report["loss"] == pytest.approx(min(r["val_loss"] for r in metrics(in_tmp / "run")), rel=1e-6)
 
 
 def test_several_corpus_files(in_tmp: Path, corpus: Path, tmp_path: Path) -> None:
@@ -197,6 +200,8 @@ def test_eval_table_and_other_data(trained_run: Path, tmp_path: Path) -> None:
         (["train", "CORPUS", "--dropout", "-0.1"], 2, "--dropout"),
         (["train", "CORPUS", "--val-fraction", "0"], 2, "--val-fraction"),
         (["train", "CORPUS", "--tokenizer", "wordpiece"], 2, "wordpiece"),
+        (["train", "CORPUS", "--softmax", "adaptive", "--tie-weights"], 2, "needs the full softmax"),
+        (["train", "CORPUS", "--precision", "fp8"], 2, "fp8"),
         (["train", "CORPUS", "--save-every", "often"], 2, "--save-every"),
         (["train", "CORPUS", "--save-every", "0"], 2, "--save-every"),
         (["train"], 2, "give a corpus"),

@@ -55,3 +55,35 @@ def test_init_hidden_shapes() -> None:
     h, c = tiny(Cell.lstm).init_hidden(5)
     assert h.shape == c.shape == (2, 5, 8)
     assert tiny(Cell.gru).init_hidden(5).shape == (2, 5, 8)
+
+
+def test_the_adaptive_softmax_is_a_distribution_and_its_loss_is_its_cross_entropy() -> None:
+    from torch.nn import functional as F
+
+    from charlm.config import Softmax
+
+    torch.manual_seed(0)
+    model = RNNLM(
+        ModelConfig(vocab_size=300, hidden=16, embed=8, dropout=0.0, softmax=Softmax.adaptive)
+    ).eval()
+    counts = torch.randint(0, 1000, (300,))
+    model.sort_by_frequency(counts)
+    assert model.rank[counts.argmax()] == 0 and sorted(model.rank.tolist()) == list(range(300))
+    tokens = torch.randint(0, 300, (7, 3))  # (T, B)
+    targets = torch.randint(0, 300, (7, 3))
+    targets[-1, 1] = -100  # evaluation padding
+    with torch.no_grad():
+        output, _ = model.features(tokens)  # (T, B, H)
+        scores = model.logits(output)  # (T, B, V): log-probabilities in token order
+        torch.testing.assert_close(scores.exp().sum(-1), torch.ones(7, 3))
+        expected = F.cross_entropy(
+            scores.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+        )
+        torch.testing.assert_close(model.loss(output, targets, reduction="sum"), expected)
+
+
+def test_adaptive_softmax_and_tied_weights_do_not_mix() -> None:
+    from charlm.config import Softmax
+
+    with pytest.raises(ConfigError, match="--tie-weights needs the full softmax"):
+        ModelConfig(vocab_size=300, hidden=8, embed=8, tie_weights=True, softmax=Softmax.adaptive)

@@ -162,17 +162,17 @@ def test_non_finite_steps_are_skipped_and_recovered(
     run, train_ids, val_ids = prepare_run([corpus], config, tmp_path / "run")
     poisoned = {5, *range(12, 12 + bad_run)}
     calls = {"n": 0}
-    real_forward = RNNLM.forward
+    real_features = RNNLM.features
 
-    def forward(self: RNNLM, tokens: torch.Tensor, hidden=None):
-        logits, hidden = real_forward(self, tokens, hidden)
+    def features(self: RNNLM, tokens: torch.Tensor, hidden=None):
+        output, hidden = real_features(self, tokens, hidden)
         if self.training:
             calls["n"] += 1
             if calls["n"] in poisoned:
-                logits = logits * float("nan")
-        return logits, hidden
+                output = output * float("nan")
+        return output, hidden
 
-    monkeypatch.setattr(RNNLM, "forward", forward)
+    monkeypatch.setattr(RNNLM, "features", features)
     messages: list[str] = []
 
     class Record:
