@@ -134,6 +134,9 @@ def train(
             "of pieces; not with --tie-weights)."
         ),
     ] = MODEL.softmax,
+    forget_bias: Annotated[
+        float, typer.Option(help="LSTM: initial bias of the forget gate (1 keeps memory from the start).")
+    ] = MODEL.forget_bias,
     batch_size: Annotated[int, typer.Option(help="Parallel token streams per step.")] = TRAIN.batch_size,
     bptt: Annotated[int, typer.Option(help="Tokens per truncated-BPTT window.")] = TRAIN.bptt,
     optimizer: Annotated[
@@ -184,10 +187,13 @@ def train(
     ] = TRAIN.precision,
     encoding: Encoding = "utf-8",
 ) -> None:
-    """Train a language model on CORPUS; writes a run directory under checkpoints/."""
+    """Train a language model on CORPUS; writes a run directory under checkpoints/.
+
+    Under torchrun it trains in several processes; --batch-size is then the global batch.
+    """
 
     def action() -> int:
-        from charlm import checkpoint
+        from charlm import checkpoint, distributed
         from charlm.device import resolve_device
         from charlm.lock import RunLock
         from charlm.progress import TrainProgress
@@ -223,49 +229,76 @@ def train(
                 dropout=dropout,
                 tie_weights=tie_weights,
                 softmax=softmax,
+                forget_bias=forget_bias,
             ),
             train=train_config,
         )
-        resolve_device(device)  # refuse a missing GPU before any work
-        resuming = resume
-        if resume:
-            run_dir = out or checkpoint.latest_run()
-            if run_dir.is_dir() and not (run_dir / checkpoint.RUN_FILE).exists():
-                # stopped while it prepared the corpus, before the run existed: start it again
-                if not corpus:
-                    raise CheckpointError(
-                        f"{run_dir} was stopped before training began; start it again with "
-                        f"`charlm train CORPUS --out {run_dir}`"
-                    )
-                resuming = False
-        elif not corpus:
-            raise ConfigError("give a corpus file to train on (or --resume to continue a run)")
-        else:
-            run_dir = out or checkpoint.new_run_dir(corpus[0].stem or "run")
-            checkpoint.check_new_run(run_dir)
-        created = not run_dir.exists()
-        if resuming and created:
-            raise CheckpointError(f"run not found: {run_dir}")
-        checkpoint.make_run_dir(run_dir)
+
+        def main_rank(ranks: distributed.Ranks) -> Any:
+            """Rank 0 (or the only process): prepares and owns the run directory."""
+            resuming = resume
+            if resume:
+                run_dir = out or checkpoint.latest_run()
+                if run_dir.is_dir() and not (run_dir / checkpoint.RUN_FILE).exists():
+                    # stopped while it prepared the corpus, before the run existed: start it again
+                    if not corpus:
+                        raise CheckpointError(
+                            f"{run_dir} was stopped before training began; start it again with "
+                            f"`charlm train CORPUS --out {run_dir}`"
+                        )
+                    resuming = False
+            elif not corpus:
+                raise ConfigError("give a corpus file to train on (or --resume to continue a run)")
+            else:
+                run_dir = out or checkpoint.new_run_dir(corpus[0].stem or "run")
+                checkpoint.check_new_run(run_dir)
+            created = not run_dir.exists()
+            if resuming and created:
+                raise CheckpointError(f"run not found: {run_dir}")
+            checkpoint.make_run_dir(run_dir)
+            try:
+                with RunLock(run_dir) as lock, TrainProgress(stderr) as progress:
+                    if lock.stale_holder:
+                        progress.on_status(f"took over a stale lock ({lock.stale_holder} is gone)")
+                    if resuming:
+                        changes = _resume_changes(ctx, train_config)
+                        run, train_ids, val_ids, snapshot = prepare_resume(
+                            run_dir, corpus or (), encoding, progress, changes
+                        )
+                    else:
+                        run, train_ids, val_ids = prepare_run(corpus, config, run_dir, encoding, progress)
+                        snapshot = None
+                    progress.chars_per_token = len(run.heldout_text()) / max(val_ids.numel(), 1)
+                    distributed.broadcast(str(run_dir), ranks)  # the other ranks start now
+                    with StopRequest() as stop:
+                        result = fit(run, train_ids, val_ids, progress, stop, snapshot, ranks)
+            except BaseException:
+                if created:
+                    checkpoint.remove_if_empty(run_dir)  # a run that never started leaves nothing behind
+                raise
+            return result
+
+        ranks = distributed.from_env()  # set by torchrun; one process otherwise
+        if train_config.batch_size % ranks.world:
+            raise ConfigError(f"--batch-size {batch_size} must divide evenly among {ranks.world} processes")
+        distributed.start(ranks, resolve_device(device))  # refuses a missing GPU before any work
         try:
-            with RunLock(run_dir) as lock, TrainProgress(stderr) as progress:
-                if lock.stale_holder:
-                    progress.on_status(f"took over a stale lock ({lock.stale_holder} is gone)")
-                if resuming:
-                    changes = _resume_changes(ctx, train_config)
-                    run, train_ids, val_ids, snapshot = prepare_resume(
-                        run_dir, corpus or (), encoding, progress, changes
-                    )
-                else:
-                    run, train_ids, val_ids = prepare_run(corpus, config, run_dir, encoding, progress)
-                    snapshot = None
-                progress.chars_per_token = len(run.heldout_text()) / max(val_ids.numel(), 1)
+            if ranks.main:
+                result = main_rank(ranks)
+                distributed.barrier(ranks)  # leave together: gloo aborts a rank whose peer has gone
+            else:  # after rank 0 prepared the run (a collective: it waits for rank 0)
+                run_dir = Path(distributed.broadcast(None, ranks))
+                run, train_ids, val_ids, snapshot = prepare_resume(
+                    run_dir, corpus or (), encoding, write=False
+                )
                 with StopRequest() as stop:
-                    result = fit(run, train_ids, val_ids, progress, stop, snapshot)
-        except BaseException:
-            if created:
-                checkpoint.remove_if_empty(run_dir)  # a run that never started leaves nothing behind
-            raise
+                    result = fit(run, train_ids, val_ids, None, stop, snapshot, ranks)
+                distributed.barrier(ranks)
+                return {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}.get(
+                    result.stop_reason, 0
+                )
+        finally:
+            distributed.stop()
         best = (
             f"best val bpc {result.best.bpc:.4f} (ppl {result.best.perplexity:.3f})"
             if result.best

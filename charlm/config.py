@@ -17,11 +17,12 @@ from charlm.errors import ConfigError
 
 
 class Cell(str, Enum):
-    """Recurrent cell of the model; the value is the name of the ``torch.nn`` class's lower case."""
+    """Recurrent cell of the model."""
 
     lstm = "lstm"
     gru = "gru"
-    rnn = "rnn"
+    rnn = "rnn"  # tanh
+    irnn = "irnn"  # ReLU, recurrent matrix initialised to the identity (Le, Jaitly and Hinton 2015)
 
 
 class TokenizerKind(str, Enum):
@@ -92,6 +93,7 @@ class ModelConfig:
     dropout: float = 0.1
     tie_weights: bool = False
     softmax: Softmax = Softmax.full
+    forget_bias: float = 1.0  # LSTM only: the forget gate's initial bias
 
     def __post_init__(self) -> None:
         if self.vocab_size < 0:

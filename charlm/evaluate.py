@@ -52,7 +52,6 @@ def score(total_nats: float, tokens: int, characters: int) -> EvalResult:
     )
 
 
-@torch.no_grad()
 def evaluate(
     model: RNNLM,
     ids: torch.Tensor,
@@ -69,20 +68,38 @@ def evaluate(
     figure, in training and in ``charlm eval``. ``autocast`` (bf16) runs the model's matrix
     products in that dtype, as the run trained; the loss is summed in fp32 and fp64.
     """
+    total = total_nats(model, ids, start_id, streams, window, autocast)
+    return score(total.item(), ids.numel(), characters)
+
+
+@torch.no_grad()
+def total_nats(
+    model: RNNLM,
+    ids: torch.Tensor,
+    start_id: int,
+    streams: int = EVAL_STREAMS,
+    window: int = EVAL_WINDOW,
+    autocast: torch.dtype | None = None,
+    part: tuple[int, int] = (0, 1),
+) -> torch.Tensor:
+    """The summed loss (nats, a float64 scalar on the model's device) of ``ids`` (N,) in the
+    layout of :func:`evaluate`, or of part ``i`` of ``n`` of its streams (``part=(i, n)``): the
+    ranks of a distributed run each score a part and sum them."""
     was_training = model.training
     model.eval()
     device = model.device
     layout = eval_streams(ids, start_id, streams)
+    columns = torch.tensor_split(torch.arange(layout.inputs.size(1)), part[1])[part[0]]
     hidden = None
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for i in range(0, layout.inputs.size(0), window):
-        x = layout.inputs[i : i + window].to(device)  # (w, B)
-        y = layout.targets[i : i + window].to(device)  # (w, B)
+    for i in range(0, layout.inputs.size(0) if columns.numel() else 0, window):
+        x = layout.inputs[i : i + window, columns].to(device)  # (w, b)
+        y = layout.targets[i : i + window, columns].to(device)  # (w, b)
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            output, hidden = model.features(x, hidden)  # (w, B, H)
+            output, hidden = model.features(x, hidden)  # (w, b, H)
             total += model.loss(output, y, reduction="sum").double()
     model.train(was_training)
-    return score(total.item(), layout.tokens, characters)
+    return total
 
 
 def evaluate_text(

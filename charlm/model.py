@@ -12,7 +12,12 @@ from charlm.config import Cell, ModelConfig, Softmax
 Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 """(layers, B, H) for GRU and RNN; the pair (h, c) of such tensors for LSTM."""
 
-_CELLS: dict[Cell, type[nn.RNNBase]] = {Cell.lstm: nn.LSTM, Cell.gru: nn.GRU, Cell.rnn: nn.RNN}
+_CELLS: dict[Cell, type[nn.RNNBase]] = {
+    Cell.lstm: nn.LSTM,
+    Cell.gru: nn.GRU,
+    Cell.rnn: nn.RNN,
+    Cell.irnn: nn.RNN,
+}
 
 
 class RNNLM(nn.Module):
@@ -24,11 +29,13 @@ class RNNLM(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.embed)
         self.drop = nn.Dropout(config.dropout)
         # nn.LSTM applies dropout between layers only, so one layer takes none there.
+        extra = {"nonlinearity": "relu"} if config.cell is Cell.irnn else {}
         self.rnn = _CELLS[config.cell](
             config.embed,
             config.hidden,
             config.layers,
             dropout=config.dropout if config.layers > 1 else 0.0,
+            **extra,
         )
         self.decoder: nn.Linear | None = None
         self.head: nn.AdaptiveLogSoftmaxWithLoss | None = None
@@ -51,7 +58,14 @@ class RNNLM(nn.Module):
                 nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
             nn.init.zeros_(self.decoder.bias)
         if self.config.cell is Cell.lstm:
-            self._init_forget_bias(1.0)
+            self._init_forget_bias(self.config.forget_bias)
+        if self.config.cell is Cell.irnn:  # the state is carried unchanged at first: no vanishing
+            with torch.no_grad():
+                for name, param in self.rnn.named_parameters():
+                    if name.startswith("weight_hh"):
+                        param.copy_(torch.eye(self.config.hidden))
+                    elif name.startswith("bias"):
+                        param.zero_()
 
     def _init_forget_bias(self, value: float) -> None:
         """Start the LSTM remembering (Gers et al. 2000; Jozefowicz et al. 2015).
@@ -122,17 +136,24 @@ class RNNLM(nn.Module):
             target_logp = self.head(flat.float(), self.rank[targets]).output  # (N,)
         return -target_logp.sum() if reduction == "sum" else -target_logp.mean()
 
-    def forward(self, tokens: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
-        """Scores for the next token at every position (see :meth:`logits`).
+    def forward(
+        self, tokens: torch.Tensor, hidden: Hidden | None = None, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Hidden]:
+        """Scores for the next token at every position (see :meth:`logits`), or, given
+        ``targets``, the mean training loss (through ``forward``, so DistributedDataParallel
+        sees the step).
 
         Args:
             tokens: (T, B) token ids.
             hidden: state from the previous window, or None for zeros.
+            targets: (T, B) the next tokens, or None.
 
         Returns:
-            scores (T, B, V) and the final hidden state.
+            scores (T, B, V), or the loss (a scalar), and the final hidden state.
         """
         output, hidden = self.features(tokens, hidden)  # (T, B, H)
+        if targets is not None:
+            return self.loss(output, targets), hidden
         return self.logits(output), hidden  # (T, B, V)
 
 

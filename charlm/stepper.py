@@ -118,6 +118,9 @@ class Stepper:
                 update = gates[:, H:]
                 h = (1.0 - update) * cand + update * h_prev
                 new_state.append(h)
+            elif self.cell is Cell.irnn:
+                h = np.maximum(gi, 0.0)  # (B, H): ReLU
+                new_state.append(h)
             else:
                 h = np.tanh(gi)  # (B, H)
                 new_state.append(h)

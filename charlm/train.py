@@ -14,14 +14,16 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from charlm import checkpoint
 from charlm.checkpoint import Run, Snapshot
 from charlm.config import OptimizerKind, RunConfig, TrainConfig
 from charlm.data import batchify, count_windows, prepare_corpus, token_counts, window
 from charlm.device import resolve_device, resolve_precision
+from charlm.distributed import SINGLE, Ranks, all_gather, all_reduce, rank_device
 from charlm.errors import CheckpointError, ConfigError, CorpusError, TrainingError
-from charlm.evaluate import EvalResult, evaluate
+from charlm.evaluate import EvalResult, score, total_nats
 from charlm.model import RNNLM, Hidden, count_parameters, detach_hidden
 from charlm.stopping import StopRequest
 
@@ -133,6 +135,7 @@ def prepare_resume(
     encoding: str = "utf-8",
     callbacks: Callbacks | None = None,
     changes: dict[str, Any] | None = None,
+    write: bool = True,
 ) -> tuple[Run, torch.Tensor, torch.Tensor, Snapshot | None]:
     """Reopen a run to continue it: the same corpus (checked by checksum), its own tokenizer, and
     the newest checkpoint that verifies (falling back, and saying so, past damaged ones).
@@ -171,16 +174,18 @@ def prepare_resume(
             f"{', '.join(map(str, sources))}: not the text {run.path} was trained on (its checksum "
             "differs); resume needs the same corpus"
         )
-    checkpoint.remove_unfinished_saves(run.path)
+    if write:
+        checkpoint.remove_unfinished_saves(run.path)
     snapshot, problems = checkpoint.newest_intact(run)
     for problem in problems:
         cb.on_status(f"skipping a damaged checkpoint: {problem}")
     if snapshot is None and problems:
         raise CheckpointError(f"{run.path}: no intact checkpoint to resume from")
     if config != run.config:
-        run = checkpoint.update_config(run, config)
+        run = checkpoint.update_config(run, config) if write else dataclasses.replace(run, config=config)
     if snapshot is None:
-        checkpoint.truncate_metrics(run, None)
+        if write:
+            checkpoint.truncate_metrics(run, None)
         cb.on_status("no checkpoint yet: starting at step 0")
     else:
         cb.on_status(f"resuming {run.path} from step {snapshot.state['step']}")
@@ -217,8 +222,7 @@ def train_step(
         update was applied.
     """
     with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        output, new_hidden = model.features(x, hidden)  # (T, B, H)
-        loss = model.loss(output, y)
+        loss, new_hidden = model(x, hidden, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)  # global norm, NaN if any is
@@ -256,10 +260,10 @@ class _Clock:
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
-    def fraction(self, step: int) -> float:
+    def fraction(self, step: int, elapsed: float | None = None) -> float:
         done = step / self.total_steps
         if self.config.max_time:
-            done = max(done, self.elapsed() / self.config.max_time)
+            done = max(done, (self.elapsed() if elapsed is None else elapsed) / self.config.max_time)
         return min(done, 1.0)
 
     def rate(self, tokens: int) -> float:
@@ -335,29 +339,44 @@ class Trainer:
         callbacks: Callbacks,
         stop: StopRequest | None = None,
         resume: Snapshot | None = None,
+        ranks: Ranks = SINGLE,
     ) -> None:
-        self.run, self.val_ids, self.cb = run, val_ids, callbacks
+        self.run, self.val_ids, self.cb, self.ranks = run, val_ids, callbacks, ranks
         self.stop = stop or StopRequest()
         self.config = tc = run.config.train
-        self.device = resolve_device(tc.device)
+        if tc.batch_size % ranks.world:
+            raise ConfigError(
+                f"--batch-size {tc.batch_size} must divide evenly among {ranks.world} processes"
+            )
+        self.batch = tc.batch_size // ranks.world  # this rank's streams
+        self.device = rank_device(resolve_device(tc.device), ranks)
         self.autocast = resolve_precision(tc.precision, self.device)
-        torch.manual_seed(tc.seed)
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank
         self.model = RNNLM(run.config.model).to(self.device)
         if self.model.head is not None:  # the adaptive softmax wants frequent tokens first
             self.model.sort_by_frequency(token_counts(train_ids, run.config.model.vocab_size))
         self.optimizer = build_optimizer(self.model, tc)
-        self.streams = batchify(train_ids, tc.batch_size)  # (B, L), memory-mapped: windows are read as used
+        self.net: nn.Module = self.model
+        if ranks.distributed:  # averages the gradients across ranks in backward
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
+            torch.manual_seed(tc.seed + ranks.rank)  # dropout masks of its own on each rank
+        streams = batchify(train_ids, tc.batch_size)  # (B, L), memory-mapped: windows are read as used
+        self.tokens_per_epoch = streams.numel()
+        self.streams = streams[ranks.rank * self.batch : (ranks.rank + 1) * self.batch]  # (b, L): this rank's
         self.steps_per_epoch = count_windows(self.streams, tc.bptt)
         self.val_chars = len(run.heldout_text())
         self.progress = TrainingProgress()
-        self.hidden = self.model.init_hidden(tc.batch_size)
+        self.hidden = self.model.init_hidden(self.batch)
         self.resumed_from = None
         if resume is not None:
             self._restore(resume)
             self.resumed_from = self.progress.step
-            # the log keeps exactly the validations this state has seen
-            checkpoint.truncate_metrics(run, self.progress.validated_at)
+            if ranks.main:  # the log keeps exactly the validations this state has seen
+                checkpoint.truncate_metrics(run, self.progress.validated_at)
         self.clock = _Clock(tc, self.steps_per_epoch, self.progress.elapsed)
+        self._elapsed = self.progress.elapsed  # the ranks' agreed training time (distributed runs)
         self._loss_sum = torch.tensor(self.progress.loss_sum, device=self.device)  # since the last validation
         self._grad_norm = torch.tensor(self.progress.grad_norm)
         self._good = self._snapshot()  # the state a run of non-finite steps goes back to
@@ -371,10 +390,11 @@ class Trainer:
         """Train until a stop condition or a stop request."""
         p = self.progress
         where = f" from step {p.step}" if self.resumed_from is not None else ""
+        processes = f" x {self.ranks.world} processes" if self.ranks.distributed else ""
         self.cb.on_status(
-            f"training {count_parameters(self.model):,} parameters on {self.device.type} in "
+            f"training {count_parameters(self.model):,} parameters on {self.device.type}{processes} in "
             f"{'bf16' if self.autocast else 'fp32'}{where}: "
-            f"{self.streams.numel():,} tokens, {self.steps_per_epoch} steps per epoch"
+            f"{self.tokens_per_epoch:,} tokens, {self.steps_per_epoch} steps per epoch"
         )
         while True:
             stop = self._loop()
@@ -401,19 +421,32 @@ class Trainer:
                 if p.epoch >= tc.epochs:
                     return "epochs"
                 p.epoch, p.window = p.epoch + 1, 0
-                self.hidden = self.model.init_hidden(tc.batch_size)
+                self.hidden = self.model.init_hidden(self.batch)
             if tc.max_steps is not None and p.step >= tc.max_steps:
                 return "max_steps"
             x, y = window(self.streams, p.window, tc.bptt)  # (T, B) each
             self._step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             if p.step % tc.eval_every == 0:
                 self._validate()
-            elif self._save_due():
+            stop, out_of_time, save_due = self._agree()
+            if save_due and p.step % tc.eval_every:
                 self._checkpoint((checkpoint.LATEST,))
-            if self.stop.requested:
-                return self.stop.reason
-            if self.clock.out_of_time():
+            if stop:
+                return self.stop.reason if self.stop.requested else "terminated"
+            if out_of_time:
                 return "max_time"
+
+    def _agree(self) -> tuple[bool, bool, bool]:
+        """(stop requested, out of time, save due), the same on every rank: clocks and signals
+        differ between processes, so a distributed run takes the latest of its ranks' times and
+        stops if any rank was asked to (one small all-reduce a step)."""
+        elapsed, stop, save = self.clock.elapsed(), self.stop.requested, self._save_due()
+        if self.ranks.distributed:
+            flags = torch.tensor([elapsed, stop, save], dtype=torch.float64, device=self.device)
+            elapsed, stop, save = all_reduce(flags, self.ranks, "max").tolist()
+            self._elapsed = elapsed
+        limit = self.config.max_time
+        return bool(stop), limit is not None and elapsed >= limit, bool(save)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Train on one window (T, B); a non-finite step is skipped, and a run of them restores
@@ -421,9 +454,9 @@ class Trainer:
         p, tc = self.progress, self.config
         self._set_lr()
         loss, grad_norm, hidden, applied = train_step(
-            self.model, self.optimizer, x, y, self.hidden, tc.effective_clip, self.autocast
+            self.net, self.optimizer, x, y, self.hidden, tc.effective_clip, self.autocast
         )
-        p.step, p.window, p.tokens = p.step + 1, p.window + 1, p.tokens + x.numel()
+        p.step, p.window, p.tokens = p.step + 1, p.window + 1, p.tokens + x.numel() * self.ranks.world
         if applied:
             self.hidden = detach_hidden(hidden)
             self._loss_sum, p.loss_steps = self._loss_sum + loss, p.loss_steps + 1
@@ -468,7 +501,8 @@ class Trainer:
         """Peak LR x plateau annealing x recovery x the final decay of a run whose end is known,
         from the state before the step (so a resumed run sets the same value)."""
         p = self.progress
-        scale = lr_scale(self.clock.fraction(p.step), self.config.decay)
+        elapsed = self._elapsed if self.ranks.distributed else None  # the agreed time: the same lr everywhere
+        scale = lr_scale(self.clock.fraction(p.step, elapsed), self.config.decay)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.effective_lr * p.plateau_scale * p.recovery_scale * scale
 
@@ -492,16 +526,19 @@ class Trainer:
         if not self._weights_finite():
             self._recover("the weights are not finite")
             return False
-        result = evaluate(
-            self.model, self.val_ids, self.val_chars, self.run.tokenizer.newline_id, autocast=self.autocast
+        part = (self.ranks.rank, self.ranks.world)  # each rank scores its share of the streams
+        total = total_nats(
+            self.model, self.val_ids, self.run.tokenizer.newline_id, autocast=self.autocast, part=part
         )
+        result = score(all_reduce(total, self.ranks).item(), self.val_ids.numel(), self.val_chars)
+        loss_sum = all_reduce(self._loss_sum.clone(), self.ranks) / self.ranks.world
         if not math.isfinite(result.loss):
             self._recover("the validation loss is not finite")
             return False
         p.validated_at, p.recoveries = p.step, 0
         record = {
             "step": p.step, "epoch": p.epoch, "tokens": p.tokens,
-            "train_loss": (self._loss_sum / max(p.loss_steps, 1)).item(),
+            "train_loss": (loss_sum / max(p.loss_steps, 1)).item(),
             "val_loss": result.loss, "val_ppl": result.perplexity, "val_bpc": result.bpc,
             "lr": self.lr, "grad_norm": float(self._grad_norm), "skipped_steps": p.skipped_steps,
             "tokens_per_sec": p.tokens / max(self.clock.elapsed(), 1e-9), "elapsed": self.clock.elapsed(),
@@ -514,7 +551,8 @@ class Trainer:
         else:  # validation stopped improving: anneal
             p.plateau_scale *= self.config.anneal
         p.extra = {"val_loss": result.loss, "val_bpc": result.bpc}
-        checkpoint.append_metrics(self.run, record)  # first: a resume drops records it has not saved
+        if self.ranks.main:  # first: a resume drops records it has not saved
+            checkpoint.append_metrics(self.run, record)
         self._checkpoint(tags)
         self.cb.on_eval(record)
         return True
@@ -538,8 +576,10 @@ class Trainer:
         if interrupted:
             p.extra = {**p.extra, "interrupted": True}
         snapshot = self._snapshot()
-        for tag in tags:
-            checkpoint.save_checkpoint(self.run, tag, snapshot)
+        whole = self._gather(snapshot)  # a collective: every rank takes part
+        if self.ranks.main:
+            for tag in tags:
+                checkpoint.save_checkpoint(self.run, tag, whole)
         self._good, self._saved_at = snapshot, (p.step, self.clock.elapsed())
         p.extra.pop("interrupted", None)
 
@@ -573,6 +613,19 @@ class Trainer:
         }
         return Snapshot(weights, trainer, state)
 
+    def _gather(self, snapshot: Snapshot) -> Snapshot:
+        """This rank's snapshot as a checkpoint of the whole run: the carried hidden state of every
+        rank's streams, (layers, B, H) as one process would hold it, and every rank's random
+        generator state (``rng.cpu.R`` for rank R > 0)."""
+        if not self.ranks.distributed:
+            return snapshot
+        trainer = dict(snapshot.trainer)
+        for name in [k for k in trainer if k.startswith("hidden.")]:
+            trainer[name] = torch.cat(all_gather(trainer[name].to(self.device), self.ranks), 1).cpu()
+        states = all_gather(trainer["rng.cpu"].to(self.device), self.ranks)
+        trainer.update({f"rng.cpu.{r}": state.cpu() for r, state in enumerate(states) if r})
+        return Snapshot(snapshot.weights, trainer, {**snapshot.state, "ranks": self.ranks.world})
+
     def _restore(self, snapshot: Snapshot) -> None:
         """Put the model, optimizer, data position, hidden state and random generators back to
         ``snapshot`` (copies: the snapshot stays as it was).
@@ -596,12 +649,19 @@ class Trainer:
             self.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
             n = 2 if isinstance(self.hidden, tuple) else 1
             hidden = tuple(t[f"hidden.{i}"].clone().to(self.device) for i in range(n))
-            expected = (self.run.config.model.layers, self.config.batch_size)
-            if any(h.shape[:2] != expected for h in hidden):
+            r, b = self.ranks.rank, self.batch
+            whole = self.ranks.distributed and hidden[0].size(1) == self.config.batch_size
+            if whole:  # a checkpoint of the whole run: this rank's streams
+                hidden = tuple(h[:, r * b : (r + 1) * b].contiguous() for h in hidden)
+            if any(h.shape[:2] != (self.run.config.model.layers, b) for h in hidden):
                 raise ValueError(f"a hidden state of shape {tuple(hidden[0].shape)}")
             self.hidden = hidden if n == 2 else hidden[0]
-            torch.set_rng_state(t["rng.cpu"].clone())
-            if self.device.type == "cuda" and "rng.cuda" in t:
+            own = not whole or r == 0  # the generator states in the snapshot are this rank's
+            if own or f"rng.cpu.{r}" in t:
+                torch.set_rng_state(t["rng.cpu" if own else f"rng.cpu.{r}"].clone())
+            else:  # resumed with more ranks than the checkpoint had: new dropout masks here
+                torch.manual_seed(self.config.seed + r + 7919 * self.progress.step)
+            if self.device.type == "cuda" and "rng.cuda" in t and own:
                 torch.cuda.set_rng_state(t["rng.cuda"].clone(), self.device)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{source} does not fit this run: {exc}") from exc
@@ -616,7 +676,9 @@ def fit(
     callbacks: Callbacks | None = None,
     stop: StopRequest | None = None,
     resume: Snapshot | None = None,
+    ranks: Ranks = SINGLE,
 ) -> TrainResult:
     """Train the run's model on ``train_ids`` (N,), validating on ``val_ids`` (see :class:`Trainer`);
-    ``resume`` continues from a checkpoint exactly where it stood."""
-    return Trainer(run, train_ids, val_ids, callbacks or SilentCallbacks(), stop, resume).fit()
+    ``resume`` continues from a checkpoint exactly where it stood; ``ranks`` places this process
+    in a distributed run (see :mod:`charlm.distributed`)."""
+    return Trainer(run, train_ids, val_ids, callbacks or SilentCallbacks(), stop, resume, ranks).fit()

@@ -56,6 +56,7 @@ def test_a_second_run_gets_a_new_directory(in_tmp: Path, corpus: Path) -> None:
     [
         ["--cell", "gru", "--tokenizer", "bpe", "--vocab-size", "400"],
         ["--cell", "rnn", "--tokenizer", "unigram", "--vocab-size", "400", "--layers", "1"],
+        ["--cell", "irnn", "--forget-bias", "2"],
         ["--tie-weights", "--embed", "32", "--optimizer", "sgd", "--dropout", "0"],
         ["--tokenizer", "bpe", "--vocab-size", "500", "--softmax", "adaptive", "--precision", "fp32"],
     ],

@@ -17,11 +17,20 @@ def tiny(cell: Cell = Cell.lstm, **kw: object) -> RNNLM:
     return RNNLM(ModelConfig(vocab_size=11, cell=cell, layers=2, hidden=8, embed=8, dropout=0.0, **kw)).eval()
 
 
-def test_lstm_forget_gate_bias_starts_at_one() -> None:
-    model = tiny(Cell.lstm)
+@pytest.mark.parametrize("bias", [1.0, 2.5, 0.0])
+def test_lstm_forget_gate_bias_starts_where_asked(bias: float) -> None:
+    model = tiny(Cell.lstm, forget_bias=bias)
     for layer in range(2):
         total = getattr(model.rnn, f"bias_ih_l{layer}") + getattr(model.rnn, f"bias_hh_l{layer}")
-        assert torch.all(total[8:16] == 1.0)  # gate order i, f, g, o
+        assert torch.all(total[8:16] == bias)  # gate order i, f, g, o
+
+
+def test_irnn_is_relu_with_an_identity_recurrence() -> None:
+    model = tiny(Cell.irnn)
+    assert model.rnn.nonlinearity == "relu"
+    for layer in range(2):
+        assert torch.equal(getattr(model.rnn, f"weight_hh_l{layer}"), torch.eye(8))
+        assert not getattr(model.rnn, f"bias_hh_l{layer}").any()
 
 
 def test_tied_weights_share_one_tensor_and_need_equal_sizes() -> None:
