@@ -137,6 +137,9 @@ def train(
     forget_bias: Annotated[
         float, typer.Option(help="LSTM: initial bias of the forget gate (1 keeps memory from the start).")
     ] = MODEL.forget_bias,
+    residual: Annotated[
+        bool, typer.Option(help="Residual connections between stacked layers (each adds its input).")
+    ] = MODEL.residual,
     batch_size: Annotated[int, typer.Option(help="Parallel token streams per step.")] = TRAIN.batch_size,
     bptt: Annotated[int, typer.Option(help="Tokens per truncated-BPTT window.")] = TRAIN.bptt,
     optimizer: Annotated[
@@ -230,6 +233,7 @@ def train(
                 tie_weights=tie_weights,
                 softmax=softmax,
                 forget_bias=forget_bias,
+                residual=residual,
             ),
             train=train_config,
         )
@@ -459,6 +463,152 @@ def eval_(
             sys.stdout.write(json.dumps(result) + "\n")
         else:
             Console().print(eval_table(f"{loaded.path} on {result['data']}", result))
+
+    _guard(ctx, action)
+
+
+@app.command()
+def diagnose(
+    ctx: typer.Context,
+    run: RunArg = None,
+    depth: Annotated[int, typer.Option(help="K: measure the gradient k = 0..K steps back.")] = 200,
+    batches: Annotated[int, typer.Option(help="Batches of positions to average over.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Positions per batch.")] = 16,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Measure on this text (default: the run's held-out split).", show_default=False),
+    ] = None,
+    cell: Annotated[
+        Cell | None,
+        typer.Option(
+            help="Measure a freshly initialised model of this cell instead of a run.", show_default=False
+        ),
+    ] = None,
+    layers: Annotated[int, typer.Option(help="Fresh model: layers.")] = MODEL.layers,
+    hidden: Annotated[int, typer.Option(help="Fresh model: hidden units.")] = MODEL.hidden,
+    forget_bias: Annotated[
+        float, typer.Option(help="Fresh LSTM (and --task): forget-gate bias.")
+    ] = MODEL.forget_bias,
+    residual: Annotated[bool, typer.Option(help="Fresh model: residual connections between layers.")] = False,
+    task: Annotated[
+        bool,
+        typer.Option("--task", help="Run the delayed-recall task: train each cell briefly at each distance."),
+    ] = False,
+    cells: Annotated[str, typer.Option(help="--task: cells to compare.")] = "rnn,irnn,gru,lstm",
+    distances: Annotated[str, typer.Option(help="--task: distances to try.")] = "5,10,20,40,80,160",
+    task_steps: Annotated[int, typer.Option(help="--task: training steps per cell and distance.")] = 1000,
+    plot: Annotated[Path | None, typer.Option(help="Also write a PNG plot here.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    checkpoint: Tag = CheckpointTag.best,
+    device: Device = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed (fresh models, the task).")] = 0,
+) -> None:
+    """Vanishing and exploding gradients: how far back the loss's gradient reaches, per step.
+
+    Measures |d loss(t) / d state(t-k)| for k = 0..K on real batches, the effective memory (where
+    it falls below 1/1000 of k = 0) and the spectral radius of each recurrent matrix; with --task,
+    which distances each cell learns to bridge.
+    """
+
+    def action() -> None:
+        import torch
+
+        if task:
+            _diagnose_task(cells, distances, task_steps, forget_bias, seed, plot, as_json)
+            return
+        from charlm import diagnose as lib
+        from charlm.data import builtin_corpus, read_corpus
+        from charlm.device import resolve_device
+        from charlm.tokenizer import train_tokenizer
+
+        if cell is not None:  # a fresh model: its own char tokenizer over the text
+            torch.manual_seed(seed)
+            text = read_corpus([data], "utf-8") if data else builtin_corpus()[:200_000]
+            tokenizer = train_tokenizer(text, TokenizerConfig())
+            model = lib.fresh_model(
+                cell, layers, hidden, tokenizer.vocab_size, forget_bias=forget_bias, residual=residual
+            )
+            model = model.to(resolve_device(device))
+            name = f"fresh {cell.value} {layers}x{hidden}"
+        else:
+            loaded, model = _open(run, checkpoint, device)
+            tokenizer = loaded.tokenizer
+            text = read_corpus([data], "utf-8") if data else loaded.heldout_text()
+            name = str(loaded.path)
+        ids = torch.from_numpy(tokenizer.encode_array(text))
+        try:
+            report = lib.diagnose_model(model, ids, depth, batches, batch_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if plot is not None:
+            from charlm.plots import plot_gradients
+
+            plot_gradients({name: report.norms}, plot)
+        if as_json:
+            sys.stdout.write(json.dumps({"model": name, **dataclasses.asdict(report)}) + "\n")
+            return
+        from charlm.progress import gradient_table, radii_table
+
+        console = Console()
+        console.print(gradient_table(report.norms, report.effective_memory))
+        console.print(radii_table(report.spectral_radii))
+
+    _guard(ctx, action)
+
+
+def _diagnose_task(
+    cells: str, distances: str, steps: int, forget_bias: float, seed: int, plot: Path | None, as_json: bool
+) -> None:
+    """``charlm diagnose --task``: the delayed-recall table (progress on stderr)."""
+    from charlm import tasks
+
+    try:
+        chosen = [Cell(c.strip()) for c in cells.split(",") if c.strip()]
+        lags = [int(d) for d in distances.split(",") if d.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--cells / --distances: {exc}") from exc
+    if not chosen or not lags or min(lags) < 1 or steps < 1:
+        raise ConfigError("--task needs cells, distances of at least 1 and --task-steps of at least 1")
+
+    def report(cell: Cell, distance: int, accuracy: float) -> None:
+        stderr.print(f"[dim]{cell.value} at distance {distance}: accuracy {accuracy:.2f}[/]", highlight=False)
+
+    results = tasks.recall_table(chosen, lags, steps, seed=seed, forget_bias=forget_bias, on_result=report)
+    accuracy = {r.cell: r.accuracy for r in results}
+    if plot is not None:
+        from charlm.plots import plot_recall
+
+        plot_recall(accuracy, plot, 1 / tasks.SYMBOLS)
+    if as_json:
+        sys.stdout.write(json.dumps({"task": "delayed recall", "steps": steps, "results": [
+            dataclasses.asdict(r) for r in results]}) + "\n")  # fmt: skip
+        return
+    from charlm.progress import recall_table
+
+    Console().print(recall_table(accuracy, {r.cell: r.largest for r in results}))
+
+
+@app.command()
+def plot(
+    ctx: typer.Context,
+    run: RunArg = None,
+    out: Annotated[
+        Path | None, typer.Option(help="PNG file (default: RUN/training.png).", show_default=False)
+    ] = None,
+) -> None:
+    """Draw a run's training and validation loss, bits per character, gradient norm (and clipped
+    fraction) and learning rate to a PNG."""
+
+    def action() -> None:
+        from charlm import checkpoint
+        from charlm.plots import plot_training
+
+        loaded = checkpoint.load_run(run or checkpoint.latest_run())
+        records = checkpoint.read_metrics(loaded.path)
+        if not records:
+            raise CheckpointError(f"{loaded.path} has no validation yet: nothing to plot")
+        path = plot_training(records, out or loaded.path / "training.png", str(loaded.path))
+        stderr.print(f"wrote {escape(str(path))}", highlight=False)
 
     _guard(ctx, action)
 

@@ -94,6 +94,7 @@ class ModelConfig:
     tie_weights: bool = False
     softmax: Softmax = Softmax.full
     forget_bias: float = 1.0  # LSTM only: the forget gate's initial bias
+    residual: bool = False  # add each stacked layer's input to its output (layers above the first)
 
     def __post_init__(self) -> None:
         if self.vocab_size < 0:

@@ -43,3 +43,7 @@ class DeviceError(CharlmError):
     """A device was asked for that this machine does not have."""
 
     exit_code = 2
+
+
+class PlotError(CharlmError):
+    """A plot cannot be made here (matplotlib is missing) or its file cannot be written."""

@@ -30,13 +30,19 @@ class RNNLM(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         # nn.LSTM applies dropout between layers only, so one layer takes none there.
         extra = {"nonlinearity": "relu"} if config.cell is Cell.irnn else {}
-        self.rnn = _CELLS[config.cell](
-            config.embed,
-            config.hidden,
-            config.layers,
-            dropout=config.dropout if config.layers > 1 else 0.0,
-            **extra,
-        )
+        cell = _CELLS[config.cell]
+        self.rnn: nn.Module
+        if config.residual:  # one module per layer, so each layer's output can take its input
+            sizes = [config.embed] + [config.hidden] * (config.layers - 1)
+            self.rnn = nn.ModuleList(cell(size, config.hidden, 1, **extra) for size in sizes)
+        else:
+            self.rnn = cell(
+                config.embed,
+                config.hidden,
+                config.layers,
+                dropout=config.dropout if config.layers > 1 else 0.0,
+                **extra,
+            )
         self.decoder: nn.Linear | None = None
         self.head: nn.AdaptiveLogSoftmaxWithLoss | None = None
         if config.softmax is Softmax.adaptive:
@@ -61,11 +67,10 @@ class RNNLM(nn.Module):
             self._init_forget_bias(self.config.forget_bias)
         if self.config.cell is Cell.irnn:  # the state is carried unchanged at first: no vanishing
             with torch.no_grad():
-                for name, param in self.rnn.named_parameters():
-                    if name.startswith("weight_hh"):
-                        param.copy_(torch.eye(self.config.hidden))
-                    elif name.startswith("bias"):
-                        param.zero_()
+                for layer in range(self.config.layers):
+                    self.recurrent("weight_hh", layer).copy_(torch.eye(self.config.hidden))
+                    self.recurrent("bias_ih", layer).zero_()
+                    self.recurrent("bias_hh", layer).zero_()
 
     def _init_forget_bias(self, value: float) -> None:
         """Start the LSTM remembering (Gers et al. 2000; Jozefowicz et al. 2015).
@@ -75,11 +80,16 @@ class RNNLM(nn.Module):
         """
         h = self.config.hidden
         with torch.no_grad():
-            for name, param in self.rnn.named_parameters():
-                if name.startswith("bias_ih"):
-                    param[h : 2 * h].fill_(value)
-                elif name.startswith("bias_hh"):
-                    param[h : 2 * h].zero_()
+            for layer in range(self.config.layers):
+                self.recurrent("bias_ih", layer)[h : 2 * h].fill_(value)
+                self.recurrent("bias_hh", layer)[h : 2 * h].zero_()
+
+    def recurrent(self, name: str, layer: int) -> nn.Parameter:
+        """The recurrent cell's parameter ``name`` (``weight_ih``, ``weight_hh``, ``bias_ih``,
+        ``bias_hh``) of ``layer``, PyTorch's layout, whichever way the layers are held."""
+        if isinstance(self.rnn, nn.ModuleList):
+            return getattr(self.rnn[layer], f"{name}_l0")
+        return getattr(self.rnn, f"{name}_l{layer}")
 
     def init_hidden(self, batch_size: int) -> Hidden:
         """Zero hidden state for ``batch_size`` streams, on the model's device and dtype."""
@@ -108,8 +118,27 @@ class RNNLM(nn.Module):
             hidden: state from the previous window, or None for zeros.
         """
         emb = self.drop(self.embedding(tokens))  # (T, B, E)
-        output, hidden = self.rnn(emb, hidden)  # (T, B, H)
+        if isinstance(self.rnn, nn.ModuleList):
+            output, hidden = self._residual(emb, hidden)
+        else:
+            output, hidden = self.rnn(emb, hidden)  # (T, B, H)
         return self.drop(output), hidden
+
+    def _residual(self, x: torch.Tensor, hidden: Hidden | None) -> tuple[torch.Tensor, Hidden]:
+        """The stacked layers one by one, each above the first adding its input to its output
+        (dropout between layers, as the fused module applies it)."""
+        lstm, states = isinstance(hidden, tuple), []
+        for i, layer in enumerate(self.rnn):  # type: ignore[arg-type]
+            state = None if hidden is None else (
+                (hidden[0][i : i + 1], hidden[1][i : i + 1]) if lstm else hidden[i : i + 1]  # type: ignore[index]
+            )  # fmt: skip
+            inputs = x if i == 0 else self.drop(x)
+            out, state = layer(inputs, state)  # (T, B, H)
+            x = out + inputs if i > 0 else out
+            states.append(state)
+        if self.config.cell is Cell.lstm:
+            return x, (torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states]))
+        return x, torch.cat(states)
 
     def logits(self, output: torch.Tensor) -> torch.Tensor:
         """Scores (..., V) of the next token from :meth:`features` output (..., H): logits of the

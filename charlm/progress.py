@@ -103,7 +103,7 @@ class TrainProgress:
         self._progress.figures = Text(
             f"loss {report.loss:.3f}  ppl {math.exp(min(report.loss, 700)):.2f}  "
             f"bpc {report.loss / LN2 / self.chars_per_token:.3f}  lr {report.lr:.3g}  "
-            f"|grad| {report.grad_norm:.2f}  {report.tokens_per_sec:,.0f} tok/s",
+            f"|grad| {report.grad_norm:.2f} clip {report.clipped:.0%}  {report.tokens_per_sec:,.0f} tok/s",
             style="cyan",
         )
 
@@ -111,7 +111,8 @@ class TrainProgress:
         """One line per validation, kept above the bar."""
         self._progress.console.print(
             f"step {record['step']:>6,}  {record['tokens']:>11,} tok  val loss {record['val_loss']:.4f}"
-            f"  ppl {record['val_ppl']:.3f}  bpc {record['val_bpc']:.4f}  lr {record['lr']:.3g}",
+            f"  ppl {record['val_ppl']:.3f}  bpc {record['val_bpc']:.4f}  lr {record['lr']:.3g}"
+            f"  |grad| {record['grad_norm']:.2f} clipped {record.get('clipped_fraction', 0):.0%}",
             soft_wrap=True,
             highlight=False,
         )
@@ -125,4 +126,44 @@ def eval_table(title: str, result: dict[str, Any]) -> Table:
     table.add_row("loss (nats/token)", f"{result['loss']:.4f}")
     table.add_row("perplexity (per token)", f"{result['perplexity']:.4f}")
     table.add_row("bits per character", f"{result['bpc']:.4f}")
+    return table
+
+
+def gradient_table(norms: list[float], memory: int | None, rows: int = 12, width: int = 40) -> Table:
+    """The gradient norm at distance k (selected k, log-spaced), relative to k = 0, with a bar
+    on a log scale: the terminal chart of ``charlm diagnose``."""
+    depth = len(norms) - 1
+    ks = sorted({0, depth, *(round(depth ** (i / (rows - 1))) for i in range(rows))})
+    decades = 6  # the bar spans ratios 1 .. 1e-6; the effective memory (1e-3) is half a bar
+    table = Table(title=f"effective memory: {memory if memory is not None else f'> {depth}'} steps")
+    for column in ("k", "|grad|", "relative", f"log scale, 1 .. 1e-{decades}"):
+        table.add_column(column, justify="right" if column != f"log scale, 1 .. 1e-{decades}" else "left")
+    for k in ks:
+        ratio = norms[k] / norms[0] if norms[0] else 0.0
+        fill = 0 if ratio <= 0 else max(0, round(width * (1 + math.log10(ratio) / decades)))
+        table.add_row(str(k), f"{norms[k]:.3e}", f"{ratio:.2e}", "█" * min(fill, width))
+    return table
+
+
+def radii_table(radii: dict[str, float]) -> Table:
+    """Spectral radius of each recurrent matrix, per gate."""
+    table = Table(title="spectral radius of the recurrent weights")
+    table.add_column("matrix")
+    table.add_column("radius", justify="right")
+    for name, radius in radii.items():
+        table.add_row(name, f"{radius:.3f}")
+    return table
+
+
+def recall_table(accuracy: dict[str, dict[int, float]], largest: dict[str, int | None]) -> Table:
+    """Accuracy of each cell at each distance of the delayed-recall task, and the largest learned."""
+    distances = sorted({d for points in accuracy.values() for d in points})
+    table = Table(title="delayed recall: accuracy by distance (learned: >= 0.9)")
+    table.add_column("cell")
+    for d in distances:
+        table.add_column(str(d), justify="right")
+    table.add_column("largest learned", justify="right")
+    for cell, points in accuracy.items():
+        cells = [f"{points[d]:.2f}" if d in points else "-" for d in distances]
+        table.add_row(cell, *cells, str(largest[cell]) if largest[cell] is not None else "none")
     return table

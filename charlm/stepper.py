@@ -50,11 +50,12 @@ class Stepper:
 
     @torch.no_grad()
     def __init__(self, model: RNNLM) -> None:
-        rnn, config = model.rnn, model.config
+        config = model.config
+        self.residual = config.residual
         self.cell, self.layers, self.hidden = config.cell, config.layers, config.hidden
 
         def weights(name: str) -> list[Array]:
-            return [getattr(rnn, f"{name}_l{i}").detach().float().cpu().numpy() for i in range(self.layers)]
+            return [model.recurrent(name, i).detach().float().cpu().numpy() for i in range(self.layers)]
 
         w_ih, w_hh = weights("weight_ih"), weights("weight_hh")  # (G, in), (G, H)
         b_ih, b_hh = weights("bias_ih"), weights("bias_hh")  # (G,)
@@ -124,7 +125,7 @@ class Stepper:
             else:
                 h = np.tanh(gi)  # (B, H)
                 new_state.append(h)
-            x = h
+            x = h + x if self.residual and i > 0 else h  # the residual connection adds the input
         if not self.full:
             with torch.no_grad():
                 return self.model.logits(torch.from_numpy(x)).numpy(), new_state  # (B, V)

@@ -49,6 +49,7 @@ class StepReport:
     loss: float  # training loss (nats/token) of the latest step
     lr: float
     grad_norm: float  # before clipping
+    clipped: float  # fraction of the steps since the last validation whose gradient was clipped
     tokens_per_sec: float
     elapsed: float
     fraction: float  # of the run done, by whichever stop condition is nearest
@@ -297,6 +298,7 @@ class TrainingProgress:
     loss_sum: float = 0.0  # training loss summed since the last validation ...
     loss_steps: int = 0  # ... over this many steps
     grad_norm: float = 0.0
+    clipped_steps: int = 0  # steps since the last validation whose gradient norm exceeded --clip
     extra: dict[str, Any] = field(default_factory=dict)  # informational: val loss, lr, interrupted
 
     def state_dict(self) -> dict[str, Any]:
@@ -461,6 +463,7 @@ class Trainer:
             self.hidden = detach_hidden(hidden)
             self._loss_sum, p.loss_steps = self._loss_sum + loss, p.loss_steps + 1
             self._grad_norm = grad_norm
+            p.clipped_steps += int(float(grad_norm) > tc.effective_clip)  # synced already: free
             p.bad_in_row = 0
         else:  # the carried state stays that of the last good step
             p.skipped_steps += 1
@@ -511,7 +514,8 @@ class Trainer:
         self.cb.on_step(
             StepReport(
                 step=p.step, epoch=p.epoch, epochs=self.config.epochs, tokens=p.tokens, loss=loss.item(),
-                lr=self.lr, grad_norm=float(self._grad_norm), tokens_per_sec=clock.rate(p.tokens),
+                lr=self.lr, grad_norm=float(self._grad_norm), clipped=p.clipped_steps / max(p.loss_steps, 1),
+                tokens_per_sec=clock.rate(p.tokens),
                 elapsed=clock.elapsed(), fraction=clock.fraction(p.step),
             )
         )  # fmt: skip
@@ -540,10 +544,11 @@ class Trainer:
             "step": p.step, "epoch": p.epoch, "tokens": p.tokens,
             "train_loss": (loss_sum / max(p.loss_steps, 1)).item(),
             "val_loss": result.loss, "val_ppl": result.perplexity, "val_bpc": result.bpc,
-            "lr": self.lr, "grad_norm": float(self._grad_norm), "skipped_steps": p.skipped_steps,
+            "lr": self.lr, "grad_norm": float(self._grad_norm),
+            "clipped_fraction": p.clipped_steps / max(p.loss_steps, 1), "skipped_steps": p.skipped_steps,
             "tokens_per_sec": p.tokens / max(self.clock.elapsed(), 1e-9), "elapsed": self.clock.elapsed(),
         }  # fmt: skip
-        self._loss_sum, p.loss_steps = torch.zeros((), device=self.device), 0
+        self._loss_sum, p.loss_steps, p.clipped_steps = torch.zeros((), device=self.device), 0, 0
         tags = [checkpoint.LATEST]
         if result.loss < p.best_loss:
             p.best_loss, p.best = result.loss, result.to_dict()

@@ -101,11 +101,15 @@ def test_several_samples_are_drawn_at_once_each_from_the_prime(corpus_text: str)
 
 
 @pytest.mark.parametrize(
-    "cell,layers,softmax",
-    [("lstm", 1, "full"), ("lstm", 3, "full"), ("gru", 1, "full"), ("gru", 3, "full"), ("rnn", 1, "full"),
-     ("rnn", 3, "full"), ("irnn", 2, "full"), ("lstm", 2, "adaptive")],
+    "cell,layers,softmax,residual",
+    [("lstm", 1, "full", False), ("lstm", 3, "full", False), ("gru", 1, "full", False),
+     ("gru", 3, "full", False), ("rnn", 1, "full", False), ("rnn", 3, "full", False),
+     ("irnn", 2, "full", False), ("lstm", 2, "adaptive", False), ("lstm", 3, "full", True),
+     ("gru", 3, "full", True)],
 )  # fmt: skip
-def test_stepper_gives_the_probabilities_of_the_model(cell: str, layers: int, softmax: str) -> None:
+def test_stepper_gives_the_probabilities_of_the_model(
+    cell: str, layers: int, softmax: str, residual: bool
+) -> None:
     """Step by step, the fast path's next-token distribution equals nn.LSTM/GRU/RNN's to 1e-5."""
     from charlm.config import Cell, ModelConfig, Softmax
     from charlm.model import RNNLM
@@ -113,8 +117,9 @@ def test_stepper_gives_the_probabilities_of_the_model(cell: str, layers: int, so
 
     torch.manual_seed(0)
     config = ModelConfig(
-        vocab_size=70, cell=Cell(cell), layers=layers, hidden=48, embed=24, softmax=Softmax(softmax)
-    )
+        vocab_size=70, cell=Cell(cell), layers=layers, hidden=48, embed=24, softmax=Softmax(softmax),
+        residual=residual,
+    )  # fmt: skip
     model = RNNLM(config).eval()
     model.sort_by_frequency(torch.randint(0, 100, (70,)))
     with torch.no_grad():

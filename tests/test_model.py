@@ -40,12 +40,13 @@ def test_tied_weights_share_one_tensor_and_need_equal_sizes() -> None:
         ModelConfig(vocab_size=11, hidden=8, embed=4, tie_weights=True)
 
 
+@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("cell", list(Cell))
 @given(split=st.integers(1, 19))
 @settings(max_examples=20, deadline=None)
-def test_carried_hidden_state_continues_the_sequence(cell: Cell, split: int) -> None:
+def test_carried_hidden_state_continues_the_sequence(cell: Cell, residual: bool, split: int) -> None:
     """Two windows with the state carried (and detached) give the logits of one long window."""
-    model = tiny(cell)
+    model = tiny(cell, residual=residual)
     tokens = torch.randint(0, 11, (20, 3), generator=torch.Generator().manual_seed(1))  # (T, B)
     whole, _ = model(tokens)
     first, hidden = model(tokens[:split])
@@ -96,3 +97,13 @@ def test_adaptive_softmax_and_tied_weights_do_not_mix() -> None:
 
     with pytest.raises(ConfigError, match="--tie-weights needs the full softmax"):
         ModelConfig(vocab_size=300, hidden=8, embed=8, tie_weights=True, softmax=Softmax.adaptive)
+
+
+def test_residual_layers_add_their_input_to_their_output() -> None:
+    model = tiny(Cell.gru, residual=True)
+    tokens = torch.randint(0, 11, (5, 2))
+    with torch.no_grad():
+        first, _ = model.rnn[0](model.embedding(tokens))  # (T, B, H)
+        second, _ = model.rnn[1](first)
+        output, _ = model.features(tokens)
+    torch.testing.assert_close(output, second + first)
