@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,17 +64,25 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def cached_bytes(name: str, build: Callable[[], bytes]) -> bytes:
-    """The bytes cached under ``name``, built (once, under a lock) if missing."""
+def _unique() -> str:
+    """A name no other process uses, on this host or another sharing the cache."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def cached_bytes(name: str, build: Callable[[], bytes], valid: Callable[[bytes], bool]) -> bytes:
+    """The bytes cached under ``name``, built (once, under a lock) if missing or not ``valid``."""
     path = cache_dir() / "tokenizers" / name
-    if path.is_file():
-        return path.read_bytes()
+    if path.is_file() and valid(data := path.read_bytes()):
+        return data
     with _locked(path):
-        if path.is_file():  # another process built it while this one waited
-            return path.read_bytes()
+        if path.is_file() and valid(data := path.read_bytes()):  # built while this one waited
+            return data
         data = build()
-        temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        temporary.write_bytes(data)
+        temporary = path.with_name(f"{path.name}.tmp-{_unique()}")
+        with temporary.open("wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, path)
     return data
 
@@ -134,7 +143,7 @@ def cached_ids(name: str, build: Callable[[Path], dict[str, TokenFile]]) -> tupl
         if found is not None:
             return found, True
         shutil.rmtree(path, ignore_errors=True)  # damaged: build it again
-        temporary = path.with_name(f"{name}.tmp-{os.getpid()}")
+        temporary = path.with_name(f"{name}.tmp-{_unique()}")
         shutil.rmtree(temporary, ignore_errors=True)
         try:
             temporary.mkdir(parents=True)

@@ -185,7 +185,7 @@ def train(
         typer.Option(
             help="Arithmetic of the training step: auto uses bf16 autocast where the hardware runs it "
             "natively (CUDA with bf16, CPUs with AVX-512 bf16 or AMX), fp32 elsewhere. Validation "
-            "always scores in fp32."
+            "scores in the same precision."
         ),
     ] = TRAIN.precision,
     encoding: Encoding = "utf-8",
@@ -273,7 +273,8 @@ def train(
                         run, train_ids, val_ids = prepare_run(corpus, config, run_dir, encoding, progress)
                         snapshot = None
                     progress.chars_per_token = len(run.heldout_text()) / max(val_ids.numel(), 1)
-                    distributed.broadcast(str(run_dir), ranks)  # the other ranks start now
+                    step = snapshot.state["step"] if snapshot else None
+                    distributed.broadcast((str(run_dir), step), ranks)  # the other ranks start now
                     with StopRequest() as stop:
                         result = fit(run, train_ids, val_ids, progress, stop, snapshot, ranks)
             except BaseException:
@@ -283,18 +284,24 @@ def train(
             return result
 
         ranks = distributed.from_env()  # set by torchrun; one process otherwise
-        if train_config.batch_size % ranks.world:
+        if not resume and train_config.batch_size % ranks.world:  # a resumed run's own: Trainer checks
             raise ConfigError(f"--batch-size {batch_size} must divide evenly among {ranks.world} processes")
-        distributed.start(ranks, resolve_device(device))  # refuses a missing GPU before any work
+        resolve_device(device)  # refuse a missing GPU before any work
+        distributed.start(ranks)
         try:
             if ranks.main:
                 result = main_rank(ranks)
                 distributed.barrier(ranks)  # leave together: gloo aborts a rank whose peer has gone
             else:  # after rank 0 prepared the run (a collective: it waits for rank 0)
-                run_dir = Path(distributed.broadcast(None, ranks))
+                where, step = distributed.broadcast(None, ranks)  # type: ignore[misc]
                 run, train_ids, val_ids, snapshot = prepare_resume(
-                    run_dir, corpus or (), encoding, write=False
+                    Path(where), corpus or (), encoding, write=False
                 )
+                if (snapshot.state["step"] if snapshot else None) != step:
+                    raise CheckpointError(
+                        f"rank {ranks.rank} found another checkpoint than rank 0 in {where} (is the "
+                        "run directory on a filesystem every host sees?)"
+                    )
                 with StopRequest() as stop:
                     result = fit(run, train_ids, val_ids, None, stop, snapshot, ranks)
                 distributed.barrier(ranks)

@@ -125,8 +125,9 @@ def split_point(characters: int, val_fraction: float, text_before: Callable[[int
     """
     cut = int(characters * (1 - val_fraction))
     reach = min(1000, (characters - cut) // 2)  # never more than half the validation text again
-    line_start = text_before(cut - reach, cut).rfind("\n")
-    return cut - reach + line_start + 1 if line_start >= 0 else cut
+    start = max(0, cut - reach)
+    line_start = text_before(start, cut).rfind("\n")
+    return start + line_start + 1 if line_start >= 0 else cut
 
 
 def read_range(paths: Sequence[Path], encoding: str, start: int, end: int) -> str:

@@ -30,7 +30,7 @@ import torch
 from charlm import cache
 from charlm.config import TokenizerConfig
 from charlm.corpus import Progress, no_progress, range_chunks, read_range, scan, split_point, text_chunks
-from charlm.errors import CorpusError
+from charlm.errors import CorpusError, TokenizerError
 from charlm.tokenizer import Tokenizer, train_tokenizer_from
 
 
@@ -183,7 +183,7 @@ def prepare_corpus(
             status(f"training {kind} tokenizer on {cut:,} characters")
             return train_tokenizer_from(train_text, tokenizer_config).to_bytes()
 
-        tokenizer = Tokenizer.from_bytes(cache.cached_bytes(name, build_tokenizer))
+        tokenizer = Tokenizer.from_bytes(cache.cached_bytes(name, build_tokenizer, _loads))
 
     def encode(directory: Path) -> dict[str, cache.TokenFile]:
         status(f"encoding {info.characters:,} characters into {cache.cache_dir()}")
@@ -206,6 +206,15 @@ def prepare_corpus(
         )
     val_ids = torch.from_numpy(files["val"].open())
     return Corpus(tokenizer, train_ids, val_ids, val_text, info.sha256, cached)
+
+
+def _loads(proto: bytes) -> bool:
+    """Whether ``proto`` is a tokenizer (a cached one damaged by a crash is built again)."""
+    try:
+        Tokenizer.from_bytes(proto)
+    except TokenizerError:
+        return False
+    return True
 
 
 def token_counts(ids: torch.Tensor, vocab_size: int, chunk: int = 1 << 24) -> torch.Tensor:

@@ -25,6 +25,7 @@ Step = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 
 GATES = {Cell.lstm: ("input", "forget", "cell", "output"), Cell.gru: ("reset", "update", "new")}
 FALL = 1e-3  # the effective memory is where the gradient falls below this fraction of k = 0's
+WARMUP = 100  # tokens read (without gradients) before each measured window
 
 
 def gradient_norms(
@@ -97,16 +98,17 @@ class GradientReport:
 
 
 def diagnose_model(
-    model: RNNLM, ids: torch.Tensor, depth: int, batches: int, batch_size: int
+    model: RNNLM, ids: torch.Tensor, depth: int, batches: int, batch_size: int, warmup: int = WARMUP
 ) -> GradientReport:
     """Measure ``model`` (in eval mode: no dropout) on windows of ``ids`` (N,): ``batches`` times
     ``batch_size`` positions spread over the text, each the last step of a window of depth + 1
-    tokens whose targets are the next tokens.
+    tokens whose targets are the next tokens, entered with the state reached by reading the
+    ``warmup`` tokens before it (a state in use, not the zero state of a text's start).
 
     Raises:
         ValueError: ``ids`` too short for one window.
     """
-    length = depth + 2
+    length = warmup + depth + 2
     if ids.numel() < length + 1:
         raise ValueError(f"the text has {ids.numel()} tokens; measuring to depth {depth} needs {length + 1}")
     was_training = model.training
@@ -115,18 +117,19 @@ def diagnose_model(
     total = torch.zeros(depth + 1, dtype=torch.float64)
     step = model_step(model)
     for chunk in starts.split(batch_size):
-        window = torch.stack([ids[s : s + length].long() for s in chunk.tolist()], 1).to(
-            model.device
-        )  # (T, B)
-        hidden = model.init_hidden(window.size(1))
+        window = torch.stack([ids[s : s + length].long() for s in chunk.tolist()], 1)  # (T, B)
+        window = window.to(model.device)
+        with torch.no_grad():
+            _, hidden = model.features(window[:warmup]) if warmup else (None, model.init_hidden(len(chunk)))
         state = list(hidden) if isinstance(hidden, tuple) else [hidden]
         target = window[-1]  # (B,): the token after the last input
 
         def loss(output: torch.Tensor, target: torch.Tensor = target) -> torch.Tensor:
             return F.cross_entropy(model.logits(output).float(), target, reduction="none")  # (B,)
 
-        with torch.enable_grad():
-            norms = gradient_norms(step, state, window[:-1], loss, depth, batch_dim=1)
+        # cuDNN refuses backward in eval mode; the measurement does not need its speed
+        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
+            norms = gradient_norms(step, state, window[warmup:-1], loss, depth, batch_dim=1)
             total += norms.cpu() * chunk.numel()
     model.train(was_training)
     norms = total / starts.numel()

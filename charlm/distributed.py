@@ -72,13 +72,15 @@ def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
     return device
 
 
-def start(ranks: Ranks, device: torch.device) -> None:
-    """Join the process group (a no-op for one process): NCCL on CUDA, gloo on the CPU."""
+def start(ranks: Ranks) -> None:
+    """Join the process group (a no-op for one process): NCCL for CUDA tensors where there is
+    a GPU, gloo for CPU tensors (the run's own ``--device`` decides which it uses)."""
     if ranks.distributed and not dist.is_initialized():
-        device = rank_device(device, ranks)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        backend = "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
+            backend = "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend, timeout=TIMEOUT)
 
 
 def stop() -> None:

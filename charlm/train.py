@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -208,6 +208,7 @@ def train_step(
     hidden: Hidden,
     clip: float,
     autocast: torch.dtype | None = None,
+    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Hidden, bool]:
     """One teacher-forced TBPTT update on a window, unless the loss or the gradient is not finite:
     then the weights and the optimizer are left untouched.
@@ -217,6 +218,8 @@ def train_step(
         hidden: the state carried from the previous window, already detached.
         autocast: run the forward pass under autocast to this dtype (bf16), or None for fp32;
             the weights, the gradients and the optimizer stay in fp32.
+        agree: in a distributed run, makes the ranks' "not finite" flags (a scalar, 1 = not
+            finite) one (the maximum), so all ranks skip a step together.
 
     Returns:
         The mean loss, the gradient norm before clipping, the new hidden state, and whether the
@@ -227,7 +230,8 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)  # global norm, NaN if any is
-    finite = bool(torch.isfinite(loss.detach() + grad_norm))  # one sync a step: the price of safety
+    bad = (~torch.isfinite(loss.detach() + grad_norm)).float()
+    finite = not bool(agree(bad) if agree else bad)  # one sync a step: the price of safety
     if finite:
         optimizer.step()
     else:
@@ -361,7 +365,10 @@ class Trainer:
         self.net: nn.Module = self.model
         if ranks.distributed:  # averages the gradients across ranks in backward
             self.net = DistributedDataParallel(
-                self.model, device_ids=[self.device] if self.device.type == "cuda" else None
+                self.model,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                # the adaptive softmax skips a tail cluster that no target of the batch falls in
+                find_unused_parameters=self.model.head is not None,
             )
             torch.manual_seed(tc.seed + ranks.rank)  # dropout masks of its own on each rank
         streams = batchify(train_ids, tc.batch_size)  # (B, L), memory-mapped: windows are read as used
@@ -438,6 +445,10 @@ class Trainer:
             if out_of_time:
                 return "max_time"
 
+    def _agree_bad(self, bad: torch.Tensor) -> torch.Tensor:
+        """A non-finite step on any rank is a non-finite step on all (distributed runs)."""
+        return all_reduce(bad, self.ranks, "max") if self.ranks.distributed else bad
+
     def _agree(self) -> tuple[bool, bool, bool]:
         """(stop requested, out of time, save due), the same on every rank: clocks and signals
         differ between processes, so a distributed run takes the latest of its ranks' times and
@@ -456,7 +467,7 @@ class Trainer:
         p, tc = self.progress, self.config
         self._set_lr()
         loss, grad_norm, hidden, applied = train_step(
-            self.net, self.optimizer, x, y, self.hidden, tc.effective_clip, self.autocast
+            self.net, self.optimizer, x, y, self.hidden, tc.effective_clip, self.autocast, self._agree_bad
         )
         p.step, p.window, p.tokens = p.step + 1, p.window + 1, p.tokens + x.numel() * self.ranks.world
         if applied:
@@ -629,6 +640,9 @@ class Trainer:
             trainer[name] = torch.cat(all_gather(trainer[name].to(self.device), self.ranks), 1).cpu()
         states = all_gather(trainer["rng.cpu"].to(self.device), self.ranks)
         trainer.update({f"rng.cpu.{r}": state.cpu() for r, state in enumerate(states) if r})
+        if "rng.cuda" in trainer:
+            states = all_gather(trainer["rng.cuda"].to(self.device), self.ranks)
+            trainer.update({f"rng.cuda.{r}": state.cpu() for r, state in enumerate(states) if r})
         return Snapshot(snapshot.weights, trainer, {**snapshot.state, "ranks": self.ranks.world})
 
     def _restore(self, snapshot: Snapshot) -> None:
@@ -666,8 +680,9 @@ class Trainer:
                 torch.set_rng_state(t["rng.cpu" if own else f"rng.cpu.{r}"].clone())
             else:  # resumed with more ranks than the checkpoint had: new dropout masks here
                 torch.manual_seed(self.config.seed + r + 7919 * self.progress.step)
-            if self.device.type == "cuda" and "rng.cuda" in t and own:
-                torch.cuda.set_rng_state(t["rng.cuda"].clone(), self.device)
+            cuda = "rng.cuda" if own else f"rng.cuda.{r}"
+            if self.device.type == "cuda" and cuda in t:
+                torch.cuda.set_rng_state(t[cuda].clone(), self.device)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{source} does not fit this run: {exc}") from exc
         self._loss_sum = torch.tensor(self.progress.loss_sum, device=self.device)

@@ -95,3 +95,15 @@ def test_split_never_more_than_doubles_the_validation_share(lines: list[str], fr
     train, val = split_text(text, fraction)
     assert train + val == text
     assert len(val) <= 2 * (len(text) - int(len(text) * (1 - fraction))) + 1
+
+
+@given(st.text(alphabet="ab\n", max_size=60), st.floats(0.01, 0.99))
+def test_the_cut_is_inside_the_text_and_after_the_last_newline_within_reach(
+    text: str, fraction: float
+) -> None:
+    train, val = split_text(text, fraction)
+    assert train + val == text
+    cut = int(len(text) * (1 - fraction))
+    start = max(0, cut - min(1000, (len(text) - cut) // 2))
+    newline = text.rfind("\n", start, cut)
+    assert len(train) == (newline + 1 if newline >= 0 else cut)

@@ -82,6 +82,13 @@ def test_resume_with_another_number_of_processes(
     assert_same_run(run, reference)
 
 
+def test_the_adaptive_softmax_trains_distributed(single: tuple[Path, Path], tmp_path: Path) -> None:
+    """A tail cluster no target of a batch falls in gets no gradient: DDP must allow that."""
+    corpus, _ = single
+    train(2, corpus, "--out", tmp_path / "run", "--max-steps", "6", "--softmax", "adaptive")
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [6]
+
+
 def test_a_batch_that_does_not_split_evenly_is_refused(single: tuple[Path, Path], tmp_path: Path) -> None:
     corpus, _ = single
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}

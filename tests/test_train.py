@@ -117,8 +117,8 @@ def test_trainer_carries_the_hidden_state_between_windows(
     calls = []
     real_step = module.train_step
 
-    def spy(model, optimizer, x, y, hidden, clip, autocast=None):  # type: ignore[no-untyped-def]
-        loss, norm, new_hidden, applied = real_step(model, optimizer, x, y, hidden, clip, autocast)
+    def spy(model, optimizer, x, y, hidden, clip, autocast=None, agree=None):  # type: ignore[no-untyped-def]
+        loss, norm, new_hidden, applied = real_step(model, optimizer, x, y, hidden, clip, autocast, agree)
         calls.append((hidden, new_hidden))
         return loss, norm, new_hidden, applied
 
