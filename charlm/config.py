@@ -88,8 +88,8 @@ class ModelConfig:
     vocab_size: int = 0  # 0 until the tokenizer is built, then its vocabulary size
     cell: Cell = Cell.lstm
     layers: int = 2
-    hidden: int = 384
-    embed: int = 384
+    hidden: int = 512  # 2.125 bpc against 2.200 for 384 in 10 minutes on tinyshakespeare (README)
+    embed: int = 512
     dropout: float = 0.1
     tie_weights: bool = False
     softmax: Softmax = Softmax.full
