@@ -284,8 +284,8 @@ def train(
             return result
 
         ranks = distributed.from_env()  # set by torchrun; one process otherwise
-        if not resume and train_config.batch_size % ranks.world:  # a resumed run's own: Trainer checks
-            raise ConfigError(f"--batch-size {batch_size} must divide evenly among {ranks.world} processes")
+        if not resume:  # refused before any work (a resumed run's own batch: the Trainer checks)
+            distributed.share(batch_size, ranks)
         resolve_device(device)  # refuse a missing GPU before any work
         distributed.start(ranks)
         try:
@@ -325,6 +325,10 @@ def train(
         return {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}.get(result.stop_reason, 0)
 
     code = _guard(ctx, action)
+    from charlm import distributed
+
+    if distributed.from_env().distributed:
+        distributed.exit_now(code)
     if code:
         raise typer.Exit(code)
 

@@ -88,7 +88,6 @@ class CorpusInfo:
     """What one pass over a corpus learns: enough to split it and to key its cache."""
 
     characters: int
-    lines: int  # newline characters
     first_text: int  # position of the first character that is not whitespace
     sha256: str  # of the joined text in UTF-8, whatever the files' encoding
 
@@ -100,21 +99,20 @@ def scan(paths: Sequence[Path], encoding: str = "utf-8", progress: Progress = no
         CorpusError: as :func:`text_chunks`, or the text is empty or whitespace only.
     """
     total = sum(Path(p).stat().st_size for p in paths if Path(p).is_file())
-    digest, characters, lines, first_text, done = hashlib.sha256(), 0, 0, -1, 0
+    digest, characters, first_text, done = hashlib.sha256(), 0, -1, 0
     for text in text_chunks(paths, encoding):
         data = text.encode("utf-8")
         digest.update(data)
         if first_text < 0 and text.strip():
             first_text = characters + len(text) - len(text.lstrip())
         characters += len(text)
-        lines += text.count("\n")
         done += len(data)
         progress("reading corpus", min(done, total), total)
     if first_text < 0:
         raise CorpusError(
             f"corpus is {'empty' if not characters else 'whitespace only'}: " + ", ".join(map(str, paths))
         )
-    return CorpusInfo(characters, lines, first_text, digest.hexdigest())
+    return CorpusInfo(characters, first_text, digest.hexdigest())
 
 
 def split_point(characters: int, val_fraction: float, text_before: Callable[[int, int], str]) -> int:

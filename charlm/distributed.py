@@ -15,6 +15,7 @@ only rank 0 writes the run directory.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -65,6 +66,17 @@ def from_env() -> Ranks:
         raise ConfigError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers: {exc}") from exc
 
 
+def share(batch_size: int, ranks: Ranks) -> int:
+    """This rank's streams of a global ``batch_size``.
+
+    Raises:
+        ConfigError: the batch does not divide evenly among the ranks.
+    """
+    if batch_size % ranks.world:
+        raise ConfigError(f"--batch-size {batch_size} must divide evenly among {ranks.world} processes")
+    return batch_size // ranks.world
+
+
 def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
     """This rank's device: on CUDA in a distributed run, GPU ``LOCAL_RANK`` of this host."""
     if device.type == "cuda" and ranks.distributed:
@@ -87,6 +99,18 @@ def stop() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_now(code: int) -> None:
+    """End this rank's process at once, once its work is done and its process group left.
+
+    At interpreter teardown, gloo's worker threads can abort a finished rank (SIGABRT, "terminate
+    called without an active exception"; seen here about one run in ten, and reported upstream as
+    pytorch/pytorch#190489), which torchrun then reports as a failed run.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier(ranks: Ranks) -> None:

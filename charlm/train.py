@@ -21,7 +21,7 @@ from charlm.checkpoint import Run, Snapshot
 from charlm.config import OptimizerKind, RunConfig, TrainConfig
 from charlm.data import batchify, count_windows, prepare_corpus, token_counts, window
 from charlm.device import resolve_device, resolve_precision
-from charlm.distributed import SINGLE, Ranks, all_gather, all_reduce, rank_device
+from charlm.distributed import SINGLE, Ranks, all_gather, all_reduce, rank_device, share
 from charlm.errors import CheckpointError, ConfigError, CorpusError, TrainingError
 from charlm.evaluate import EvalResult, score, total_nats
 from charlm.model import RNNLM, Hidden, count_parameters, detach_hidden
@@ -350,11 +350,7 @@ class Trainer:
         self.run, self.val_ids, self.cb, self.ranks = run, val_ids, callbacks, ranks
         self.stop = stop or StopRequest()
         self.config = tc = run.config.train
-        if tc.batch_size % ranks.world:
-            raise ConfigError(
-                f"--batch-size {tc.batch_size} must divide evenly among {ranks.world} processes"
-            )
-        self.batch = tc.batch_size // ranks.world  # this rank's streams
+        self.batch = share(tc.batch_size, ranks)  # this rank's streams
         self.device = rank_device(resolve_device(tc.device), ranks)
         self.autocast = resolve_precision(tc.precision, self.device)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
