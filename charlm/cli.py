@@ -122,8 +122,12 @@ def train(
     hidden: Annotated[int, typer.Option(help="Hidden units per layer.")] = MODEL.hidden,
     embed: Annotated[int, typer.Option(help="Embedding size.")] = MODEL.embed,
     dropout: Annotated[
-        float, typer.Option(help="Dropout on embeddings, between layers and before the decoder.")
+        float,
+        typer.Option(help="Locked dropout on embeddings, between layers and before the decoder."),
     ] = MODEL.dropout,
+    weight_drop: Annotated[
+        float, typer.Option(help="DropConnect on the recurrent (hidden-to-hidden) weights while training.")
+    ] = MODEL.weight_drop,
     tie_weights: Annotated[
         bool, typer.Option(help="Share embedding and decoder weights (needs --embed = --hidden).")
     ] = MODEL.tie_weights,
@@ -160,6 +164,9 @@ def train(
     decay: Annotated[
         float, typer.Option(help="Decay the learning rate linearly to 0 over this last fraction of the run.")
     ] = TRAIN.decay,
+    weight_decay: Annotated[
+        float, typer.Option(help="Weight decay (decoupled, AdamW; L2 with sgd).")
+    ] = TRAIN.weight_decay,
     max_steps: Annotated[
         int | None, typer.Option(help="Stop after this many steps.", show_default=False)
     ] = None,
@@ -212,6 +219,7 @@ def train(
             clip=clip,
             epochs=epochs,
             decay=decay,
+            weight_decay=weight_decay,
             max_steps=max_steps,
             max_time=parse_duration(max_time) if max_time else None,
             val_fraction=val_fraction,
@@ -230,6 +238,7 @@ def train(
                 hidden=hidden,
                 embed=embed,
                 dropout=dropout,
+                weight_drop=weight_drop,
                 tie_weights=tie_weights,
                 softmax=softmax,
                 forget_bias=forget_bias,
@@ -454,14 +463,26 @@ def eval_(
             show_default=False,
         ),
     ] = None,
+    dynamic: Annotated[
+        bool,
+        typer.Option(
+            "--dynamic",
+            help="Also score with dynamic evaluation: the model learns from each window right after "
+            "scoring it (the run's weights on disk are not changed).",
+        ),
+    ] = False,
+    dynamic_lr: Annotated[float, typer.Option(help="--dynamic: learning rate of each update.")] = 0.5,
+    dynamic_decay: Annotated[
+        float, typer.Option(help="--dynamic: pull towards the trained weights at each update.")
+    ] = 0.0,
 ) -> None:
     """Score held-out text: tokens, loss (nats), perplexity per token, bits per character."""
 
     def action() -> None:
         from charlm.data import read_corpus
         from charlm.device import resolve_precision
-        from charlm.evaluate import evaluate_text
-        from charlm.progress import eval_table
+        from charlm.evaluate import evaluate_dynamic, evaluate_text
+        from charlm.progress import TrainProgress, eval_table
 
         loaded, model = _open(run, checkpoint, device)
         text = read_corpus([data], encoding) if data else loaded.heldout_text()
@@ -470,6 +491,15 @@ def eval_(
         result["precision"] = "bf16" if dtype is not None else "fp32"
         result["run"] = str(loaded.path)
         result["data"] = str(data) if data else "held-out split"
+        if dynamic:
+            if not (dynamic_lr > 0 and 0 <= dynamic_decay < 1):
+                raise ConfigError("--dynamic-lr must be positive and --dynamic-decay in [0, 1)")
+            with TrainProgress(stderr) as bar:
+                adapted = evaluate_dynamic(
+                    model, loaded.tokenizer, text, dtype, dynamic_lr, dynamic_decay,
+                    lambda done, total: bar.on_progress("dynamic evaluation", done, total),
+                )  # fmt: skip
+            result["dynamic"] = {**adapted.to_dict(), "lr": dynamic_lr, "decay": dynamic_decay}
         if as_json:
             sys.stdout.write(json.dumps(result) + "\n")
         else:

@@ -90,7 +90,8 @@ class ModelConfig:
     layers: int = 2
     hidden: int = 512  # 2.125 bpc against 2.200 for 384 in 10 minutes on tinyshakespeare (README)
     embed: int = 512
-    dropout: float = 0.1
+    dropout: float = 0.1  # locked (variational): on embeddings, between layers, before the output
+    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden matrices while training
     tie_weights: bool = False
     softmax: Softmax = Softmax.full
     forget_bias: float = 1.0  # LSTM only: the forget gate's initial bias
@@ -101,8 +102,9 @@ class ModelConfig:
             raise ConfigError(f"vocab_size must not be negative, got {self.vocab_size}")
         for name in ("layers", "hidden", "embed"):
             _positive(f"--{name.replace('_', '-')}", getattr(self, name))
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "weight_drop"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
         if self.tie_weights and self.softmax is Softmax.adaptive:
             raise ConfigError(
                 "--tie-weights needs the full softmax (--softmax adaptive has no one decoder matrix)"
@@ -131,6 +133,7 @@ class TrainConfig:
     eval_every: int = 500
     save_steps: int | None = None  # save ``latest`` every this many steps ...
     save_seconds: float | None = 300.0  # ... or this many seconds (and at every validation)
+    weight_decay: float = 0.0  # decoupled (AdamW), or L2 with SGD
     seed: int = 1234
     device: str = "auto"
     precision: Precision = Precision.auto
@@ -150,6 +153,8 @@ class TrainConfig:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.decay <= 1:
             raise ConfigError(f"--decay must be in [0, 1], got {self.decay}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must not be negative, got {self.weight_decay}")
         if not 0 < self.anneal <= 1:
             raise ConfigError(f"--anneal must be in (0, 1], got {self.anneal}")
 
@@ -195,10 +200,16 @@ class RunConfig:
             return cls(
                 tokenizer=TokenizerConfig(TokenizerKind(tok["kind"]), tok["vocab_size"]),
                 model=ModelConfig(
-                    **{**model, "cell": Cell(model["cell"]), "softmax": Softmax(model.get("softmax", "full"))}
+                    **{
+                        **_BEFORE_REGULARISATION,
+                        **model,
+                        "cell": Cell(model["cell"]),
+                        "softmax": Softmax(model.get("softmax", "full")),
+                    }
                 ),
                 train=TrainConfig(
                     **{
+                        **_BEFORE_REGULARISATION_TRAIN,
                         **data["train"],
                         "optimizer": OptimizerKind(data["train"]["optimizer"]),
                         "precision": Precision(data["train"].get("precision", "auto")),
@@ -208,6 +219,11 @@ class RunConfig:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"config is not a charlm run config: {exc}") from exc
+
+
+# Runs saved before these fields existed trained without them; their configs still mean that.
+_BEFORE_REGULARISATION = {"weight_drop": 0.0}
+_BEFORE_REGULARISATION_TRAIN = {"weight_decay": 0.0}
 
 
 def _plain(value: Any) -> Any:

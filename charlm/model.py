@@ -18,6 +18,14 @@ _CELLS: dict[Cell, type[nn.RNNBase]] = {
     Cell.rnn: nn.RNN,
     Cell.irnn: nn.RNN,
 }
+# One layer of each cell with weights given as arguments: the op the modules call themselves, so
+# a layer with dropped-out recurrent weights runs the same fused kernel (and autocast) as nn.LSTM.
+_STEP = {
+    Cell.lstm: torch._VF.lstm,
+    Cell.gru: torch._VF.gru,
+    Cell.rnn: torch._VF.rnn_tanh,
+    Cell.irnn: torch._VF.rnn_relu,
+}
 
 
 class RNNLM(nn.Module):
@@ -27,8 +35,8 @@ class RNNLM(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embed)
-        self.drop = nn.Dropout(config.dropout)
-        # nn.LSTM applies dropout between layers only, so one layer takes none there.
+        # The stack runs layer by layer while training (see :meth:`_layers`), which applies the
+        # dropout between layers itself, so the fused module gets none.
         extra = {"nonlinearity": "relu"} if config.cell is Cell.irnn else {}
         cell = _CELLS[config.cell]
         self.rnn: nn.Module
@@ -36,13 +44,7 @@ class RNNLM(nn.Module):
             sizes = [config.embed] + [config.hidden] * (config.layers - 1)
             self.rnn = nn.ModuleList(cell(size, config.hidden, 1, **extra) for size in sizes)
         else:
-            self.rnn = cell(
-                config.embed,
-                config.hidden,
-                config.layers,
-                dropout=config.dropout if config.layers > 1 else 0.0,
-                **extra,
-            )
+            self.rnn = cell(config.embed, config.hidden, config.layers, **extra)
         self.decoder: nn.Linear | None = None
         self.head: nn.AdaptiveLogSoftmaxWithLoss | None = None
         if config.softmax is Softmax.adaptive:
@@ -110,6 +112,17 @@ class RNNLM(nn.Module):
             order = torch.argsort(counts.to(self.rank.device), descending=True, stable=True)
             self.rank[order] = torch.arange(order.numel(), device=self.rank.device)
 
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """Locked (variational) dropout of ``x`` (T, B, D) while training: one mask per stream and
+        window, the same at every time step (Gal and Ghahramani 2016), so a unit dropped from a
+        stream stays dropped for the window instead of flickering step to step; on small corpora
+        it regularises better than a fresh mask at each step (Merity et al. 2018)."""
+        p = self.config.dropout
+        if not self.training or p == 0:
+            return x
+        mask = x.new_empty(1, *x.shape[1:]).bernoulli_(1 - p) / (1 - p)  # (1, B, D)
+        return x * mask
+
     def features(self, tokens: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
         """The last layer's output at every position, after dropout: (T, B, H), and the final state.
 
@@ -118,27 +131,42 @@ class RNNLM(nn.Module):
             hidden: state from the previous window, or None for zeros.
         """
         emb = self.drop(self.embedding(tokens))  # (T, B, E)
-        if isinstance(self.rnn, nn.ModuleList):
-            output, hidden = self._residual(emb, hidden)
-        else:
+        if self.training or isinstance(self.rnn, nn.ModuleList):
+            output, hidden = self._layers(emb, hidden)
+        else:  # inference: the fused module, the same arithmetic without the dropout
             output, hidden = self.rnn(emb, hidden)  # (T, B, H)
         return self.drop(output), hidden
 
-    def _residual(self, x: torch.Tensor, hidden: Hidden | None) -> tuple[torch.Tensor, Hidden]:
-        """The stacked layers one by one, each above the first adding its input to its output
-        (dropout between layers, as the fused module applies it)."""
-        lstm, states = isinstance(hidden, tuple), []
-        for i, layer in enumerate(self.rnn):  # type: ignore[arg-type]
-            state = None if hidden is None else (
-                (hidden[0][i : i + 1], hidden[1][i : i + 1]) if lstm else hidden[i : i + 1]  # type: ignore[index]
-            )  # fmt: skip
+    def _layers(self, x: torch.Tensor, hidden: Hidden | None) -> tuple[torch.Tensor, Hidden]:
+        """The stacked layers one by one: locked dropout between them, DropConnect on each
+        hidden-to-hidden matrix while training (``weight_drop``: one mask per window, shared by
+        every stream and step, as in AWD-LSTM), and with ``residual`` each layer above the first
+        adding its input to its output."""
+        c = self.config
+        lstm = c.cell is Cell.lstm
+        if hidden is None:
+            hidden = self.init_hidden(x.size(1))
+        h0, c0 = hidden if lstm else (hidden, None)  # type: ignore[misc]
+        run = _STEP[c.cell]
+        hs, cs = [], []
+        for i in range(c.layers):
+            w_hh = self.recurrent("weight_hh", i)
+            if self.training and c.weight_drop > 0:
+                w_hh = F.dropout(w_hh, c.weight_drop)  # (G, H)
+            weights = [
+                self.recurrent("weight_ih", i),
+                w_hh,
+                self.recurrent("bias_ih", i),
+                self.recurrent("bias_hh", i),
+            ]
             inputs = x if i == 0 else self.drop(x)
-            out, state = layer(inputs, state)  # (T, B, H)
-            x = out + inputs if i > 0 else out
-            states.append(state)
-        if self.config.cell is Cell.lstm:
-            return x, (torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states]))
-        return x, torch.cat(states)
+            state = (h0[i : i + 1], c0[i : i + 1]) if lstm else h0[i : i + 1]  # type: ignore[index]
+            out, *last = run(inputs, state, weights, True, 1, 0.0, self.training, False, False)  # (T, B, H)
+            x = out + inputs if c.residual and i > 0 else out
+            hs.append(last[0])
+            if lstm:
+                cs.append(last[1])
+        return x, ((torch.cat(hs), torch.cat(cs)) if lstm else torch.cat(hs))
 
     def logits(self, output: torch.Tensor) -> torch.Tensor:
         """Scores (..., V) of the next token from :meth:`features` output (..., H): logits of the

@@ -75,8 +75,9 @@ class TrainProgress:
             self._progress.stop()
 
     def on_status(self, message: str) -> None:
-        """A phase of the run (tokenizer, encoding, model size)."""
-        self._progress.console.print(f"[dim]{escape(message)}[/]", soft_wrap=True, highlight=False)
+        """A phase of the run (tokenizer, encoding, model size), or a warning (in colour)."""
+        style = "bold yellow" if message.startswith("warning:") else "dim"
+        self._progress.console.print(f"[{style}]{escape(message)}[/]", soft_wrap=True, highlight=False)
 
     def on_progress(self, task: str, done: int, total: int) -> None:
         """A bar for a long pass over the corpus (reading, encoding), gone when it is done."""
@@ -112,7 +113,8 @@ class TrainProgress:
         self._progress.console.print(
             f"step {record['step']:>6,}  {record['tokens']:>11,} tok  val loss {record['val_loss']:.4f}"
             f"  ppl {record['val_ppl']:.3f}  bpc {record['val_bpc']:.4f}  lr {record['lr']:.3g}"
-            f"  |grad| {record['grad_norm']:.2f} clipped {record.get('clipped_fraction', 0):.0%}",
+            f"  |grad| {record['grad_norm']:.2f} clipped {record.get('clipped_fraction', 0):.0%}"
+            f"  gap {record['val_loss'] - record['train_loss']:+.3f}",
             soft_wrap=True,
             highlight=False,
         )
@@ -126,6 +128,13 @@ def eval_table(title: str, result: dict[str, Any]) -> Table:
     table.add_row("loss (nats/token)", f"{result['loss']:.4f}")
     table.add_row("perplexity (per token)", f"{result['perplexity']:.4f}")
     table.add_row("bits per character", f"{result['bpc']:.4f}")
+    if "dynamic" in result:  # the same text under dynamic evaluation, next to the static figures
+        dyn = result["dynamic"]
+        table.add_row("dynamic: loss (nats/token)", f"{dyn['loss']:.4f}")
+        table.add_row("dynamic: perplexity", f"{dyn['perplexity']:.4f}")
+        table.add_row(
+            "dynamic: bits per character", f"{dyn['bpc']:.4f} ({dyn['bpc'] / result['bpc'] - 1:+.1%})"
+        )
     return table
 
 

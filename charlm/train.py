@@ -32,6 +32,9 @@ from charlm.stopping import StopRequest
 MAX_BAD_STEPS = 3
 RECOVERY_LR = 0.5
 MAX_RECOVERIES = 5
+# Warn (once a run) of memorisation when this many validations in a row have not improved on the
+# best held-out loss while the training loss has gone on falling below its value at the best.
+OVERFIT_PATIENCE = 3
 # Options that may change when a run is resumed (they do not change what was learned so far).
 RESUMABLE_CHANGES = (
     "epochs", "max_steps", "max_time", "eval_every", "save_steps", "save_seconds", "device", "precision",
@@ -196,8 +199,8 @@ def prepare_resume(
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """Plain SGD (the char-rnn / word_language_model recipe, with clipping) or Adam."""
     if config.optimizer is OptimizerKind.adam:
-        return torch.optim.Adam(model.parameters(), lr=config.effective_lr)
-    return torch.optim.SGD(model.parameters(), lr=config.effective_lr)
+        return torch.optim.AdamW(model.parameters(), lr=config.effective_lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.effective_lr, weight_decay=config.weight_decay)
 
 
 def train_step(
@@ -303,6 +306,9 @@ class TrainingProgress:
     loss_steps: int = 0  # ... over this many steps
     grad_norm: float = 0.0
     clipped_steps: int = 0  # steps since the last validation whose gradient norm exceeded --clip
+    stale: int = 0  # validations since the best one
+    train_at_best: float | None = None  # the training loss logged with the best validation
+    overfit_warned: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # informational: val loss, lr, interrupted
 
     def state_dict(self) -> dict[str, Any]:
@@ -559,15 +565,34 @@ class Trainer:
         tags = [checkpoint.LATEST]
         if result.loss < p.best_loss:
             p.best_loss, p.best = result.loss, result.to_dict()
+            p.stale, p.train_at_best = 0, record["train_loss"]
             tags.insert(0, checkpoint.BEST)
         else:  # validation stopped improving: anneal
             p.plateau_scale *= self.config.anneal
+            p.stale += 1
+            self._warn_overfit(record)
         p.extra = {"val_loss": result.loss, "val_bpc": result.bpc}
         if self.ranks.main:  # first: a resume drops records it has not saved
             checkpoint.append_metrics(self.run, record)
         self._checkpoint(tags)
         self.cb.on_eval(record)
         return True
+
+    def _warn_overfit(self, record: dict[str, Any]) -> None:
+        """Say once, with what to do, when held-out loss has stalled while training loss falls:
+        the model is learning the training text by heart rather than the language."""
+        p = self.progress
+        if p.overfit_warned or p.stale < OVERFIT_PATIENCE or p.train_at_best is None:
+            return
+        if record["train_loss"] >= p.train_at_best:
+            return
+        p.overfit_warned = True
+        self.cb.on_status(
+            f"warning: held-out loss has not improved for {p.stale} validations (best {p.best_loss:.4f}) "
+            f"while training loss fell from {p.train_at_best:.4f} to {record['train_loss']:.4f}: the model "
+            "is memorising its corpus. best/ keeps the best checkpoint; for the next run, raise --dropout "
+            "or --weight-drop, use a smaller model (--hidden), or train for less time"
+        )
 
     def _save_due(self) -> bool:
         tc, (step, at) = self.config, self._saved_at
