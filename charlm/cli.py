@@ -96,7 +96,9 @@ def train(
     corpus: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="One or more UTF-8 text files (with --resume: default, the run's own).", show_default=False
+            help="Text files, directories (their text files, recursively) or quoted glob patterns; "
+            ".gz, .bz2 and .xz files are read as they are (with --resume: default, the run's own).",
+            show_default=False,
         ),
     ] = None,
     out: Annotated[
@@ -204,6 +206,7 @@ def train(
 
     def action() -> int:
         from charlm import checkpoint, distributed
+        from charlm.corpus import corpus_name
         from charlm.device import resolve_device
         from charlm.lock import RunLock
         from charlm.progress import TrainProgress
@@ -263,7 +266,7 @@ def train(
             elif not corpus:
                 raise ConfigError("give a corpus file to train on (or --resume to continue a run)")
             else:
-                run_dir = out or checkpoint.new_run_dir(corpus[0].stem or "run")
+                run_dir = out or checkpoint.new_run_dir(corpus_name(corpus))
                 checkpoint.check_new_run(run_dir)
             created = not run_dir.exists()
             if resuming and created:
@@ -442,8 +445,12 @@ def eval_(
     ctx: typer.Context,
     run: RunArg = None,
     data: Annotated[
-        Path | None,
-        typer.Option(help="Score this text instead of the run's held-out split.", show_default=False),
+        list[Path] | None,
+        typer.Option(
+            help="Score this text instead of the run's held-out split: a file, a directory or a quoted "
+            "glob pattern, compressed or not (repeat for several, read as one text).",
+            show_default=False,
+        ),
     ] = None,
     perplexity: Annotated[
         bool,
@@ -485,12 +492,12 @@ def eval_(
         from charlm.progress import TrainProgress, eval_table
 
         loaded, model = _open(run, checkpoint, device)
-        text = read_corpus([data], encoding) if data else loaded.heldout_text()
+        text = read_corpus(data, encoding) if data else loaded.heldout_text()
         dtype = resolve_precision(precision or loaded.config.train.precision, model.device)
         result = evaluate_text(model, loaded.tokenizer, text, dtype).to_dict()
         result["precision"] = "bf16" if dtype is not None else "fp32"
         result["run"] = str(loaded.path)
-        result["data"] = str(data) if data else "held-out split"
+        result["data"] = ", ".join(map(str, data)) if data else "held-out split"
         if dynamic:
             if not (dynamic_lr > 0 and 0 <= dynamic_decay < 1):
                 raise ConfigError("--dynamic-lr must be positive and --dynamic-decay in [0, 1)")
@@ -516,8 +523,11 @@ def diagnose(
     batches: Annotated[int, typer.Option(help="Batches of positions to average over.")] = 4,
     batch_size: Annotated[int, typer.Option(help="Positions per batch.")] = 16,
     data: Annotated[
-        Path | None,
-        typer.Option(help="Measure on this text (default: the run's held-out split).", show_default=False),
+        list[Path] | None,
+        typer.Option(
+            help="Measure on this text (default: the run's held-out split): as eval --data.",
+            show_default=False,
+        ),
     ] = None,
     cell: Annotated[
         Cell | None,
@@ -564,7 +574,7 @@ def diagnose(
 
         if cell is not None:  # a fresh model: its own char tokenizer over the text
             torch.manual_seed(seed)
-            text = read_corpus([data], "utf-8") if data else builtin_corpus()[:200_000]
+            text = read_corpus(data, "utf-8") if data else builtin_corpus()[:200_000]
             tokenizer = train_tokenizer(text, TokenizerConfig())
             model = lib.fresh_model(
                 cell, layers, hidden, tokenizer.vocab_size, forget_bias=forget_bias, residual=residual
@@ -574,7 +584,7 @@ def diagnose(
         else:
             loaded, model = _open(run, checkpoint, device)
             tokenizer = loaded.tokenizer
-            text = read_corpus([data], "utf-8") if data else loaded.heldout_text()
+            text = read_corpus(data, "utf-8") if data else loaded.heldout_text()
             name = str(loaded.path)
         ids = torch.from_numpy(tokenizer.encode_array(text))
         try:

@@ -29,24 +29,33 @@ import torch
 
 from charlm import cache
 from charlm.config import TokenizerConfig
-from charlm.corpus import Progress, no_progress, range_chunks, read_range, scan, split_point, text_chunks
+from charlm.corpus import (
+    Progress,
+    describe,
+    expand_inputs,
+    no_progress,
+    range_chunks,
+    read_range,
+    scan,
+    split_point,
+    text_chunks,
+)
 from charlm.errors import CorpusError, TokenizerError
 from charlm.tokenizer import Tokenizer, train_tokenizer_from
 
 
-def read_corpus(paths: Sequence[Path], encoding: str = "utf-8") -> str:
-    """The text of one or more files, joined with a newline where a file does not end in one
+def read_corpus(inputs: Sequence[Path | str], encoding: str = "utf-8") -> str:
+    """The text of one or more inputs (files, directories, glob patterns, compressed files: see
+    :func:`charlm.corpus.expand_inputs`), joined with a newline where a file does not end in one
     (for texts that fit in memory: ``charlm eval --data``).
 
     Raises:
-        CorpusError: a file is missing, a directory, unreadable, binary, not in ``encoding``, or
-            the whole text is empty or whitespace only.
+        CorpusError: as :func:`charlm.corpus.expand_inputs`, a file is missing, unreadable,
+            damaged, binary, not in ``encoding``, or the whole text is empty or whitespace only.
     """
-    text = "".join(text_chunks(paths, encoding))
+    text = "".join(text_chunks(expand_inputs(inputs), encoding))
     if not text.strip():
-        raise CorpusError(
-            f"corpus is {'empty' if not text else 'whitespace only'}: " + ", ".join(str(p) for p in paths)
-        )
+        raise CorpusError(f"corpus is {'empty' if not text else 'whitespace only'}: {describe(inputs)}")
     return text
 
 
@@ -141,7 +150,7 @@ class Corpus:
 
 
 def prepare_corpus(
-    paths: Sequence[Path],
+    inputs: Sequence[Path | str],
     tokenizer_config: TokenizerConfig,
     val_fraction: float,
     min_train_tokens: int,
@@ -157,11 +166,14 @@ def prepare_corpus(
     (:mod:`charlm.cache`), so memory stays bounded whatever its size, and a second run on the same
     text, split and tokenizer encodes nothing. The validation text is held in memory (it is
     ``val_fraction`` of the corpus). A resumed run passes its own ``tokenizer``, used as it is.
+    ``inputs`` are files, directories, glob patterns and compressed files (see
+    :func:`charlm.corpus.expand_inputs`), expanded once here, so every pass reads the same files.
 
     Raises:
         CorpusError: unusable, or too small for the split or for ``min_train_tokens``.
         TokenizerError: the tokenizer cannot be built.
     """
+    paths = expand_inputs(inputs)
     info = scan(paths, encoding, progress)
     cut = split_point(
         info.characters, val_fraction, lambda start, end: read_range(paths, encoding, start, end)

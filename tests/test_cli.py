@@ -208,7 +208,10 @@ def test_eval_table_and_other_data(trained_run: Path, tmp_path: Path) -> None:
         (["train"], 2, "give a corpus"),
         (["train", "--resume", "--out", "nowhere"], 1, "run not found"),
         (["train", "CORPUS", "--out", "CORPUS/run"], 1, "cannot create run directory"),
-        (["train", "DIR"], 1, "is a directory"),
+        (["train", "DIR"], 1, "is a directory with no text files"),
+        (["train", "CORPUS.gz"], 1, "not intact gzip data"),
+        (["train", "nowhere/*.txt"], 1, "no file matches the pattern nowhere/*.txt"),
+        (["train", "--resume"], 1, "no trained run found"),
         (["train", "EMPTY"], 1, "corpus is empty"),
         (["train", "BLANK"], 1, "whitespace only"),
         (["train", "BINARY"], 1, "NUL byte at offset 4"),
@@ -232,7 +235,9 @@ def test_user_mistakes_get_one_line_and_an_exit_code(
     }
     for name, data in files.items():
         (in_tmp / name.lower()).write_bytes(data)
+    (in_tmp / "damaged.gz").write_bytes(b"\x1f\x8b\x08\x00" + corpus.read_bytes()[:100])
     paths = {"CORPUS": str(corpus), "DIR": str(in_tmp / "dir"), "CORPUS/run": f"{corpus}/run"}
+    paths["CORPUS.gz"] = str(in_tmp / "damaged.gz")
     paths.update({name: str(in_tmp / name.lower()) for name in files})
     corpus_before = corpus.read_bytes()
     result = invoke(*[paths.get(a, a) for a in args])

@@ -85,7 +85,7 @@ def test_other_encodings_are_read_when_named(tmp_path: Path) -> None:
 def test_missing_and_directory_corpus(tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match="not found"):
         read_corpus([tmp_path / "nope.txt"])
-    with pytest.raises(CorpusError, match="directory"):
+    with pytest.raises(CorpusError, match="is a directory with no text files in it"):
         read_corpus([tmp_path])
 
 
