@@ -29,7 +29,7 @@ EVAL_WINDOW = 256
 # Dynamic evaluation (see :func:`dynamic_nats`): segment length, learning rate and the pull back
 # to the trained weights, chosen on a run's own held-out tail (README, "Dynamic evaluation").
 DYNAMIC_WINDOW = 32
-DYNAMIC_LR = 0.5
+DYNAMIC_LR = 0.1
 DYNAMIC_DECAY = 0.0
 
 
