@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ from safetensors import torch as safetensors_torch
 
 from charlm import __version__
 from charlm.config import RunConfig
-from charlm.errors import CharlmError, CheckpointError
+from charlm.corpus import corpus_name, describe
+from charlm.errors import CharlmError, CheckpointError, ConfigError
 from charlm.model import RNNLM
 from charlm.tokenizer import Tokenizer
 
@@ -107,6 +109,48 @@ def check_new_run(path: Path) -> None:
         )
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a directory")
+
+
+def train_dir(
+    out: Path | None, inputs: Sequence[str | os.PathLike[str]], resume: bool, root: Path = DEFAULT_ROOT
+) -> tuple[Path, str | None]:
+    """Where ``charlm train`` trains, and why a ``--resume`` starts a new run there (None if not).
+
+    A new run goes to ``out``, else to ``root/NAME`` after the corpus (numbered if taken). With
+    ``resume``: the run in ``out``; without ``out``, the latest run of ``inputs`` (see
+    :func:`run_for_corpus`), or with no ``inputs`` the latest run (:func:`latest_run`). Where the
+    corpus is given and there is no run yet (a first launch, or one killed before its run was
+    written), resume starts it: one command serves the first launch and every relaunch.
+
+    Raises:
+        ConfigError: neither a corpus nor ``resume``.
+        CheckpointError: ``resume`` without a corpus and without a run; an ``out`` that is a file,
+            or that holds a run when not resuming.
+    """
+    if not resume:
+        if not inputs:
+            raise ConfigError("give a corpus file to train on (or --resume to continue a run)")
+        run_dir = out or new_run_dir(corpus_name(inputs), root)
+        check_new_run(run_dir)
+        return run_dir, None
+    if out is None and inputs:
+        found = run_for_corpus(inputs, root)
+        if found is not None:
+            return found, None
+        run_dir = new_run_dir(corpus_name(inputs), root)
+        return run_dir, f"no run of {describe(inputs)} under {root} yet: starting {run_dir}"
+    run_dir = out or latest_run(root)
+    if (run_dir / RUN_FILE).is_file():
+        return run_dir, None
+    if not inputs:
+        if not run_dir.exists():
+            raise CheckpointError(f"run not found: {run_dir}")
+        raise CheckpointError(
+            f"{run_dir} was stopped before training began; give the corpus to start it: "
+            f"`charlm train CORPUS --out {run_dir} --resume`"
+        )
+    check_new_run(run_dir)
+    return run_dir, f"no run in {run_dir} yet: starting it"
 
 
 def make_run_dir(path: Path) -> None:
@@ -408,6 +452,25 @@ def latest_run(root: Path = DEFAULT_ROOT) -> Path:
     if not runs:
         raise CheckpointError(f"no trained run found under {root}/; train one with `charlm train CORPUS`")
     return max(runs, key=runs.__getitem__)
+
+
+def run_for_corpus(inputs: Sequence[str | os.PathLike[str]], root: Path = DEFAULT_ROOT) -> Path | None:
+    """The run directly under ``root`` trained on ``inputs`` (the corpus as given, compared as
+    written or as the same paths from here) that was written last, even one still before its
+    first checkpoint; None if there is none. This is what ``charlm train CORPUS --resume``
+    continues when no ``--out`` names a run, so a relaunched command finds its own run.
+    """
+    wanted = [os.path.abspath(p) for p in inputs]
+    runs = {}
+    for run_file in root.glob(f"*/{RUN_FILE}") if root.is_dir() else []:
+        try:
+            meta = _json(_read(run_file), run_file)
+            corpus = meta["config"]["corpus"]
+            if [os.path.abspath(p) for p in corpus] == wanted:
+                runs[run_file.parent] = _checkpoint_time(run_file.parent) or run_file.stat().st_mtime
+        except (CheckpointError, OSError, KeyError, TypeError):
+            continue  # not a run of these inputs that can be resumed; load_run would say why
+    return max(runs, key=runs.__getitem__) if runs else None
 
 
 def _checkpoint_time(run_dir: Path) -> float | None:

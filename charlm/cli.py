@@ -11,8 +11,9 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, TypeVar
 
 import typer
 from rich.console import Console
@@ -37,6 +38,12 @@ from charlm.config import (
 )
 from charlm.errors import CharlmError, CheckpointError, ConfigError
 
+if TYPE_CHECKING:  # imported by the commands that use them, so `charlm --help` stays instant
+    import torch
+
+    from charlm.checkpoint import Run, Snapshot
+    from charlm.progress import TrainProgress
+
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
@@ -55,6 +62,16 @@ TOK, MODEL, TRAIN, SAMPLE = TokenizerConfig(), ModelConfig(), TrainConfig(), Sam
 
 def _per_optimizer(defaults: dict[OptimizerKind, float]) -> str:
     return ", ".join(f"{kind.value} {value:g}" for kind, value in defaults.items())
+
+
+class Prepared(NamedTuple):
+    """What one rank of ``charlm train`` needs to start training (rank 0 also shows progress)."""
+
+    run: Run
+    train_ids: torch.Tensor
+    val_ids: torch.Tensor
+    snapshot: Snapshot | None
+    progress: TrainProgress | None
 
 
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
@@ -81,13 +98,23 @@ def _guard(ctx: typer.Context, action: Callable[[], T]) -> T:
     try:
         return action()
     except CharlmError as exc:
-        if ctx.obj and ctx.obj.get("debug"):
+        if _debug(ctx):
             raise
-        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _report(exc)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _debug(ctx: typer.Context) -> bool:
+    """Whether ``--debug`` asked for full tracebacks."""
+    return bool(ctx.obj and ctx.obj.get("debug"))
+
+
+def _report(exc: CharlmError) -> None:
+    """An error, as one line on stderr."""
+    stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -110,9 +137,10 @@ def train(
     resume: Annotated[
         bool,
         typer.Option(
-            help="Continue the run in --out (default: the most recent run) exactly where its last "
-            "checkpoint stopped; only the stop conditions, --eval-every, --save-every, --device and "
-            "--precision may change."
+            help="Continue the run in --out (default: the latest run of CORPUS, else the latest run) "
+            "exactly where its last checkpoint stopped, or start it if there is none yet and CORPUS "
+            "is given. Options given again must keep the run's values, except the stop conditions, "
+            "--eval-every, --save-every, --device and --precision."
         ),
     ] = False,
     tokenizer: Annotated[TokenizerKind, typer.Option(help="SentencePiece model type.")] = TOK.kind,
@@ -206,36 +234,37 @@ def train(
 
     def action() -> int:
         from charlm import checkpoint, distributed
-        from charlm.corpus import corpus_name
         from charlm.device import resolve_device
         from charlm.lock import RunLock
         from charlm.progress import TrainProgress
         from charlm.stopping import StopRequest
-        from charlm.train import fit, prepare_resume, prepare_run
+        from charlm.train import fit, prepare_resume, prepare_run, resumed_config
 
-        save_steps, save_seconds = parse_save_every(save_every)
-        train_config = TrainConfig(
-            batch_size=batch_size,
-            bptt=bptt,
-            optimizer=optimizer,
-            lr=lr,
-            clip=clip,
-            epochs=epochs,
-            decay=decay,
-            weight_decay=weight_decay,
-            max_steps=max_steps,
-            max_time=parse_duration(max_time) if max_time else None,
-            val_fraction=val_fraction,
-            eval_every=eval_every,
-            save_steps=save_steps,
-            save_seconds=save_seconds,
-            seed=seed,
-            device=device,
-            precision=precision,
-        )
-        config = RunConfig(
-            tokenizer=TokenizerConfig(tokenizer, vocab_size),
-            model=ModelConfig(
+        def train_config() -> TrainConfig:
+            save_steps, save_seconds = parse_save_every(save_every)
+            return TrainConfig(
+                batch_size=batch_size,
+                bptt=bptt,
+                optimizer=optimizer,
+                lr=lr,
+                clip=clip,
+                epochs=epochs,
+                decay=decay,
+                weight_decay=weight_decay,
+                max_steps=max_steps,
+                max_time=parse_duration(max_time) if max_time else None,
+                val_fraction=val_fraction,
+                eval_every=eval_every,
+                save_steps=save_steps,
+                save_seconds=save_seconds,
+                seed=seed,
+                device=device,
+                precision=precision,
+            )
+
+        def new_config() -> RunConfig:
+            """The config of a new run (a resumed run keeps its own, see ``resumed_config``)."""
+            model = ModelConfig(
                 cell=cell,
                 layers=layers,
                 hidden=hidden,
@@ -246,82 +275,97 @@ def train(
                 softmax=softmax,
                 forget_bias=forget_bias,
                 residual=residual,
-            ),
-            train=train_config,
-        )
+            )
+            return RunConfig(TokenizerConfig(tokenizer, vocab_size), model, train_config())
 
-        def main_rank(ranks: distributed.Ranks) -> Any:
-            """Rank 0 (or the only process): prepares and owns the run directory."""
-            resuming = resume
+        def check_options() -> RunConfig | None:
+            """What every rank refuses before any work: the options, a new run's config (a resumed
+            run keeps its own), its batch split among the ranks, and a missing GPU."""
+            resolve_device(device)
+            train_config()
             if resume:
-                run_dir = out or checkpoint.latest_run()
-                if run_dir.is_dir() and not (run_dir / checkpoint.RUN_FILE).exists():
-                    # stopped while it prepared the corpus, before the run existed: start it again
-                    if not corpus:
-                        raise CheckpointError(
-                            f"{run_dir} was stopped before training began; start it again with "
-                            f"`charlm train CORPUS --out {run_dir}`"
-                        )
-                    resuming = False
-            elif not corpus:
-                raise ConfigError("give a corpus file to train on (or --resume to continue a run)")
-            else:
-                run_dir = out or checkpoint.new_run_dir(corpus_name(corpus))
-                checkpoint.check_new_run(run_dir)
-            created = not run_dir.exists()
-            if resuming and created:
-                raise CheckpointError(f"run not found: {run_dir}")
+                return None
+            config = new_config()
+            distributed.share(config.train.batch_size, ranks)
+            return config
+
+        def prepare_main(held: ExitStack, config: RunConfig | None) -> Prepared:
+            """Rank 0 (or the only process) prepares and owns the run directory, under its lock."""
+            run_dir, starting = checkpoint.train_dir(out, corpus or (), resume)
+            if not run_dir.exists():  # a run that never started leaves nothing behind
+                held.callback(checkpoint.remove_if_empty, run_dir)
             checkpoint.make_run_dir(run_dir)
-            try:
-                with RunLock(run_dir) as lock, TrainProgress(stderr) as progress:
-                    if lock.stale_holder:
-                        progress.on_status(f"took over a stale lock ({lock.stale_holder} is gone)")
-                    if resuming:
-                        changes = _resume_changes(ctx, train_config)
-                        run, train_ids, val_ids, snapshot = prepare_resume(
-                            run_dir, corpus or (), encoding, progress, changes
-                        )
-                    else:
-                        run, train_ids, val_ids = prepare_run(corpus, config, run_dir, encoding, progress)
-                        snapshot = None
-                    progress.chars_per_token = len(run.heldout_text()) / max(val_ids.numel(), 1)
-                    step = snapshot.state["step"] if snapshot else None
-                    distributed.broadcast((str(run_dir), step), ranks)  # the other ranks start now
-                    with StopRequest() as stop:
-                        result = fit(run, train_ids, val_ids, progress, stop, snapshot, ranks)
-            except BaseException:
-                if created:
-                    checkpoint.remove_if_empty(run_dir)  # a run that never started leaves nothing behind
-                raise
-            return result
+            lock = held.enter_context(RunLock(run_dir))
+            progress = held.enter_context(TrainProgress(stderr))
+            if lock.stale_holder:
+                progress.on_status(f"took over a stale lock ({lock.stale_holder} is gone)")
+            resuming = resume and (run_dir / checkpoint.RUN_FILE).is_file()  # decided under the lock
+            if resuming:
+                changes = _resume_changes(ctx, train_config())
+                config = resumed_config(checkpoint.load_run(run_dir).config, changes)  # before any work
+                distributed.share(config.train.batch_size, ranks)
+                run, train_ids, val_ids, snapshot = prepare_resume(
+                    run_dir, corpus or (), encoding, progress, changes
+                )
+            else:
+                if config is None:  # --resume, and no run yet
+                    config = new_config()
+                    distributed.share(config.train.batch_size, ranks)
+                if starting:
+                    progress.on_status(starting)
+                run, train_ids, val_ids = prepare_run(corpus or (), config, run_dir, encoding, progress)
+                snapshot = None
+            progress.chars_per_token = len(run.heldout_text()) / max(val_ids.numel(), 1)
+            return Prepared(run, train_ids, val_ids, snapshot, progress)
+
+        def prepare_peer(where: str, step: int | None) -> Prepared:
+            """Another rank: opens the run rank 0 prepared, and checks it sees the same checkpoint."""
+            run, train_ids, val_ids, snapshot = prepare_resume(
+                Path(where), corpus or (), encoding, write=False
+            )
+            if (snapshot.state["step"] if snapshot else None) != step:
+                raise CheckpointError(
+                    f"found another checkpoint than rank 0 in {where} (is the run directory on a "
+                    "filesystem every host sees?)"
+                )
+            return Prepared(run, train_ids, val_ids, snapshot, None)
 
         ranks = distributed.from_env()  # set by torchrun; one process otherwise
-        if not resume:  # refused before any work (a resumed run's own batch: the Trainer checks)
-            distributed.share(batch_size, ranks)
-        resolve_device(device)  # refuse a missing GPU before any work
-        distributed.start(ranks)
+        distributed.start(ranks)  # first, so that every failure below is one all ranks agree on
         try:
-            if ranks.main:
-                result = main_rank(ranks)
-                distributed.barrier(ranks)  # leave together: gloo aborts a rank whose peer has gone
-            else:  # after rank 0 prepared the run (a collective: it waits for rank 0)
-                where, step = distributed.broadcast(None, ranks)  # type: ignore[misc]
-                run, train_ids, val_ids, snapshot = prepare_resume(
-                    Path(where), corpus or (), encoding, write=False
+            with ExitStack() as held, distributed.peers_lost(ranks):
+                config = distributed.settle(check_options, ranks)
+                # Rank 0 prepares while the others wait, then they open the run it prepared.
+                main_part = distributed.settle(
+                    lambda: prepare_main(held, config) if ranks.main else None, ranks
                 )
-                if (snapshot.state["step"] if snapshot else None) != step:
-                    raise CheckpointError(
-                        f"rank {ranks.rank} found another checkpoint than rank 0 in {where} (is the "
-                        "run directory on a filesystem every host sees?)"
+                if ranks.main:
+                    run, train_ids, val_ids, snapshot, progress = main_part  # type: ignore[misc]
+                    step = snapshot.state["step"] if snapshot else None
+                    distributed.broadcast((str(run.path), step), ranks)  # the other ranks start now
+                    distributed.settle(lambda: None, ranks)  # while they open the run
+                else:
+                    where, step = distributed.broadcast(None, ranks)  # type: ignore[misc]
+                    run, train_ids, val_ids, snapshot, progress = distributed.settle(
+                        lambda: prepare_peer(where, step), ranks
                     )
                 with StopRequest() as stop:
-                    result = fit(run, train_ids, val_ids, None, stop, snapshot, ranks)
-                distributed.barrier(ranks)
-                return {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}.get(
-                    result.stop_reason, 0
-                )
+                    result = fit(run, train_ids, val_ids, progress, stop, snapshot, ranks)
+                distributed.barrier(ranks)  # leave together: gloo aborts a rank whose peer has gone
+        except CharlmError as exc:
+            if not (ranks.distributed and getattr(exc, "settled", False)) or _debug(ctx):
+                raise
+            # Every rank has this error: rank 0 says it, and all leave only then, since torchrun
+            # stops the other ranks (unheard) as soon as one has ended.
+            if ranks.main:
+                _report(exc)
+            distributed.barrier(ranks)
+            raise typer.Exit(exc.exit_code) from None
         finally:
             distributed.stop()
+        code = {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}.get(result.stop_reason, 0)
+        if not ranks.main:
+            return code
         best = (
             f"best val bpc {result.best.bpc:.4f} (ppl {result.best.perplexity:.3f})"
             if result.best
@@ -334,19 +378,23 @@ def train(
             highlight=False,
             soft_wrap=True,
         )
-        return {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}.get(result.stop_reason, 0)
+        return code
 
-    code = _guard(ctx, action)
-    from charlm import distributed
+    try:
+        code = _guard(ctx, action)
+    except typer.Exit as exc:
+        code = exc.exit_code
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        from charlm import distributed
 
-    if distributed.from_env().distributed:
-        distributed.exit_now(code)
+        distributed.exit_now(code)  # see its docstring: a clean exit can abort under gloo
     if code:
         raise typer.Exit(code)
 
 
 def _resume_changes(ctx: typer.Context, config: TrainConfig) -> dict[str, Any]:
-    """The options typed on this command line, as the config fields they set (for --resume)."""
+    """The options typed on this command line, by name, with the values they set (for --resume,
+    which compares them with the run's own: see :func:`charlm.train.resumed_config`)."""
     fixed = {"corpus", "out", "resume", "encoding"}
     given = [
         name
@@ -360,7 +408,7 @@ def _resume_changes(ctx: typer.Context, config: TrainConfig) -> dict[str, Any]:
         elif name in {f.name for f in dataclasses.fields(TrainConfig)}:
             changes[name] = getattr(config, name)
         else:
-            changes[name] = ctx.params[name]  # a model or tokenizer option: refused with its name
+            changes[name] = ctx.params[name]  # a model or tokenizer option
     return changes
 
 

@@ -10,22 +10,35 @@ split into equal contiguous blocks, one per rank, each read from the memory-mapp
 DistributedDataParallel averages the gradients, so each step equals a single process's step on
 the whole batch; every decision that depends on a clock or a signal is agreed on by all ranks;
 only rank 0 writes the run directory.
+
+Failing together: a rank that raised while its peers wait in a collective would leave them to die
+of a broken connection, each with a traceback. So the steps that can fail on a user's mistake
+(options, corpus, run directory) end in :func:`settle`, where every rank learns whether any rank
+failed, and all raise the same error; a collective that fails because a peer has gone anyway
+(:func:`peers_lost`) becomes an error of one line.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 from torch import distributed as dist
 
-from charlm.errors import ConfigError
+from charlm import errors
+from charlm.errors import CharlmError, ConfigError, TrainingError
 
 # Ranks other than 0 wait while rank 0 encodes the corpus (minutes for gigabytes).
 TIMEOUT = timedelta(hours=2)
+T = TypeVar("T")
+# How gloo says that the other end of a connection has gone (a plain RuntimeError).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 
 @dataclass(frozen=True)
@@ -142,3 +155,61 @@ def broadcast(value: object, ranks: Ranks) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def settle(action: Callable[[], T], ranks: Ranks) -> T:
+    """Run ``action`` on this rank, then agree with every rank on how it went (a collective).
+
+    If ``action`` raised a :class:`CharlmError` on any rank, every rank raises the error of the
+    lowest such rank: its own exception where that is its own, else one of the same class, message
+    (prefixed ``rank N:`` when N is not 0) and exit code. Each error raised here has ``settled``
+    set, which tells a face that rank 0 reports it and the other ranks may end silently. With one
+    process this is ``action()``.
+    """
+    if not ranks.distributed:
+        return action()
+    value: T | None = None
+    own: CharlmError | None = None
+    try:
+        value = action()
+    except CharlmError as exc:
+        own = exc
+    report = None if own is None else (type(own).__name__, str(own), own.exit_code)
+    reports: list[tuple[str, str, int] | None] = [None] * ranks.world
+    dist.all_gather_object(reports, report)
+    failed = next(((rank, r) for rank, r in enumerate(reports) if r is not None), None)
+    if failed is None:
+        return value  # type: ignore[return-value]
+    rank, (kind, message, code) = failed
+    if rank == ranks.rank and own is not None:
+        error = own
+    else:
+        cls = getattr(errors, kind, CharlmError)
+        error = (cls if isinstance(cls, type) and issubclass(cls, CharlmError) else CharlmError)(
+            message if rank == 0 else f"rank {rank}: {message}"
+        )
+        error.exit_code = code
+    error.settled = True  # type: ignore[attr-defined]
+    if error is own:
+        raise error
+    raise error from own
+
+
+@contextmanager
+def peers_lost(ranks: Ranks) -> Iterator[None]:
+    """Turn a collective that failed because another rank has gone (it ended with its own error,
+    or was killed) into a :class:`TrainingError` of one line, instead of gloo's traceback.
+
+    Gloo says so with a plain ``RuntimeError`` ("Connection closed by peer"), NCCL and the store
+    with a ``torch.distributed.DistError``; other errors pass through untouched.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        gone = isinstance(exc, dist.DistError) or any(words in str(exc) for words in _PEER_GONE)
+        if not (ranks.distributed and gone):
+            raise
+        raise TrainingError(
+            f"rank {ranks.rank} lost contact with the other training processes: one of them ended "
+            "(its own message says why) or the network failed"
+        ) from exc

@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from charlm import checkpoint
 from charlm.checkpoint import Run, Snapshot
-from charlm.config import OptimizerKind, RunConfig, TrainConfig
+from charlm.config import ModelConfig, OptimizerKind, RunConfig, TrainConfig
+from charlm.corpus import describe
 from charlm.data import batchify, count_windows, prepare_corpus, token_counts, window
 from charlm.device import resolve_device, resolve_precision
 from charlm.distributed import SINGLE, Ranks, all_gather, all_reduce, rank_device, share
@@ -135,7 +137,7 @@ def prepare_run(
 
 def prepare_resume(
     run_dir: Path,
-    paths: Sequence[Path] = (),
+    paths: Sequence[Path | str] = (),
     encoding: str = "utf-8",
     callbacks: Callbacks | None = None,
     changes: dict[str, Any] | None = None,
@@ -144,8 +146,10 @@ def prepare_resume(
     """Reopen a run to continue it: the same corpus (checked by checksum), its own tokenizer, and
     the newest checkpoint that verifies (falling back, and saying so, past damaged ones).
 
-    ``changes`` may set the options in :data:`RESUMABLE_CHANGES` (a longer run, say); they are
-    recorded in ``run.json``.
+    ``changes`` holds the options a user gave again, by option name (see :func:`resumed_config`):
+    a value equal to the run's own is accepted whatever the option, so the command that started a
+    run, with ``--resume`` added, continues it; the options in :data:`RESUMABLE_CHANGES` may also
+    take new values (a longer run, say), which are recorded in ``run.json``.
 
     Returns:
         The run, training ids (N,), validation ids (M,), and the snapshot to resume from (None if
@@ -154,29 +158,21 @@ def prepare_resume(
     Raises:
         CheckpointError: not a run, damaged beyond its checkpoints, or no checkpoint verifies.
         CorpusError: the corpus is not the text the run was trained on.
-        ConfigError: ``changes`` touches an option that cannot change mid-run.
+        ConfigError: ``changes`` gives another value to an option that cannot change mid-run.
     """
     cb = callbacks or SilentCallbacks()
     run = checkpoint.load_run(run_dir)
-    config = run.config
-    if changes:
-        fixed = sorted(set(changes) - set(RESUMABLE_CHANGES))
-        if fixed:
-            raise ConfigError(
-                f"--{fixed[0].replace('_', '-')} cannot change when resuming; only --epochs, --max-steps, "
-                "--max-time, --eval-every, --save-every, --device and --precision can"
-            )
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))
+    config = resumed_config(run.config, changes or {})
     tc = config.train
-    sources = list(paths) or [Path(p) for p in config.corpus]
+    sources = list(paths) or list(config.corpus)
     corpus = prepare_corpus(
         sources, config.tokenizer, tc.val_fraction, 2 * tc.batch_size, encoding, cb.on_status, run.tokenizer,
         cb.on_progress,
     )  # fmt: skip
     if run.corpus_sha256 is not None and corpus.sha256 != run.corpus_sha256:
         raise CorpusError(
-            f"{', '.join(map(str, sources))}: not the text {run.path} was trained on (its checksum "
-            "differs); resume needs the same corpus"
+            f"{describe(sources)}: not the text {run.path} was trained on (its checksum differs); "
+            "resume needs the same corpus"
         )
     if write:
         checkpoint.remove_unfinished_saves(run.path)
@@ -194,6 +190,66 @@ def prepare_resume(
     else:
         cb.on_status(f"resuming {run.path} from step {snapshot.state['step']}")
     return run, corpus.train_ids, corpus.val_ids, snapshot
+
+
+# Where each option given to a resumed run lives in its config: (section, field). The tokenizer's
+# options have names of their own; the model's and the training's are their fields' names.
+_OPTION_FIELDS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("tokenizer", "kind"),
+    "vocab_size": ("tokenizer", "vocab_size"),
+    **{f.name: ("model", f.name) for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"},
+    **{f.name: ("train", f.name) for f in dataclasses.fields(TrainConfig)},
+}
+
+
+def resumed_config(saved: RunConfig, changes: dict[str, Any]) -> RunConfig:
+    """``saved`` with the options a resumed run was given (``changes``, by option name).
+
+    An option given its saved value changes nothing, whatever it is (``--lr`` and ``--clip``
+    compare with the learning rate and clip the run trains with, its optimizer's default where it
+    gave none). Only the options in :data:`RESUMABLE_CHANGES` may take another value: the others
+    decide what the run learned so far (its weights' shapes, its data, its schedule).
+
+    Raises:
+        ConfigError: an option takes another value than the run's and may not change, naming each
+            such option with both values; or an unknown option; or the new values are invalid.
+    """
+    refused, train = [], {}
+    for name, value in changes.items():
+        if name not in _OPTION_FIELDS:
+            raise ConfigError(f"{_flag(name)} is not an option of a run")
+        section, field_name = _OPTION_FIELDS[name]
+        own = getattr(getattr(saved, section), field_name)
+        if name in ("lr", "clip") and value is not None:
+            own = saved.train.effective_lr if name == "lr" else saved.train.effective_clip
+        if name in RESUMABLE_CHANGES:
+            train[name] = value
+        elif value != own:
+            refused.append(f"{_flag(name)} is {_shown(own)} in this run; {_shown(value)} given")
+    if refused:
+        allowed = [_flag(n) for n in RESUMABLE_CHANGES if n != "save_seconds"]
+        raise ConfigError(
+            f"{', and '.join(refused)} (only {', '.join(allowed[:-1])} and {allowed[-1]} may change when "
+            "resuming; for the others, start a new run with another --out)"
+        )
+    return dataclasses.replace(saved, train=dataclasses.replace(saved.train, **train)) if train else saved
+
+
+def _flag(name: str) -> str:
+    """The command-line option that sets the config field ``name``."""
+    return "--save-every" if name in ("save_steps", "save_seconds") else f"--{name.replace('_', '-')}"
+
+
+def _shown(value: Any) -> str:
+    """A config value as a user types it."""
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        text = repr(value)  # exact: two values never read alike
+        return text[:-2] if text.endswith(".0") else text
+    return "unset" if value is None else str(value)
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,11 +90,96 @@ def test_the_adaptive_softmax_trains_distributed(single: tuple[Path, Path], tmp_
     assert [r["step"] for r in metrics(tmp_path / "run")] == [6]
 
 
-def test_a_batch_that_does_not_split_evenly_is_refused(single: tuple[Path, Path], tmp_path: Path) -> None:
-    corpus, _ = single
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}
-    result = subprocess.run(
-        [sys.executable, "-m", "charlm", "train", corpus, "--out", tmp_path / "run", *OPTIONS],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 2 and "must divide evenly among 3 processes" in result.stderr
+def launch(tmp_path: Path, *args: object) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """``ARGS`` under torchrun in 2 processes, each rank's output kept apart (``--redirects``): the
+    result, and each rank's stderr in rank order."""
+    logs = tmp_path / "logs"
+    # --monitor-interval: on a loaded machine the ranks may take a moment between their exits
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "--log-dir", logs, "--redirects", "3", "--monitor-interval", "1", *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=env, timeout=180)
+    return result, [rank_log(logs, rank) for rank in (0, 1)]
+
+
+def rank_log(logs: Path, rank: int, stream: str = "stderr") -> str:
+    (found,) = logs.glob(f"*/attempt_0/{rank}/{stream}.log")
+    return found.read_text()
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["--resume", "--out", "RUN", "--hidden", "64"], 2, "error: --hidden is 32 in this run; 64 given"),
+        (["--resume", "--out", "RUN", "--max-steps", "0"], 2, "error: --max-steps must be positive"),
+        (["MISSING", "--out", "NEW"], 1, "error: corpus file not found"),
+        (["CORPUS", "--out", "NEW", "--batch-size", "9"], 2, "error: --batch-size 9 must divide evenly"),
+    ],
+)
+def test_an_error_under_torchrun_ends_every_rank_with_one_line_and_no_traceback(
+    single: tuple[Path, Path], tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    """Rank 0 reports an error every rank agreed on; the others end silently with the same code
+    (not with a broken connection). torchrun's own report of the failed ranks follows."""
+    corpus, run = single
+    paths = {"MISSING": str(tmp_path / "missing.txt"), "NEW": str(tmp_path / "new"), "RUN": str(run),
+             "CORPUS": str(corpus)}  # fmt: skip
+    before = (run / "run.json").read_bytes()
+    result, (rank0, rank1) = launch(
+        tmp_path, "-m", "charlm", "train", *[paths.get(a, a) for a in args], "--device", "cpu"
+    )
+    assert result.returncode != 0
+    assert rank0.strip().splitlines() == [rank0.strip()] and rank0.startswith(message), rank0
+    assert rank1 == "", rank1
+    assert re.findall(r"exitcode\s+: (-?\d+)", result.stderr) == [str(code)] * 2  # both, same code
+    assert "Traceback" not in rank0 + rank1
+    assert (run / "run.json").read_bytes() == before and not (tmp_path / "new").exists()
+
+
+SETTLE = """
+import sys
+from charlm import distributed
+from charlm.errors import CharlmError, CorpusError
+
+ranks = distributed.from_env()
+distributed.start(ranks)
+
+def work():
+    if ranks.rank == 1:
+        raise CorpusError("only this host lacks the corpus")
+    return "fine"
+
+try:
+    distributed.settle(work, ranks)
+except CharlmError as exc:
+    print(f"{ranks.rank}|{type(exc).__name__}|{exc}|{exc.exit_code}|{exc.settled}", flush=True)
+print(f"{ranks.rank}|after|{distributed.settle(lambda: ranks.rank, ranks)}", flush=True)
+distributed.stop()
+"""
+
+
+def test_settle_raises_the_failure_of_any_rank_on_every_rank(tmp_path: Path) -> None:
+    script = tmp_path / "settle.py"
+    script.write_text(SETTLE)
+    result, _ = launch(tmp_path, script)
+    assert result.returncode == 0, result.stderr
+    assert [rank_log(tmp_path / "logs", rank, "stdout").splitlines() for rank in (0, 1)] == [
+        ["0|CorpusError|rank 1: only this host lacks the corpus|1|True", "0|after|0"],  # as rank 0 says it
+        ["1|CorpusError|only this host lacks the corpus|1|True", "1|after|1"],  # its own error
+    ]
+
+
+def test_a_collective_broken_by_a_peer_that_ended_is_one_line() -> None:
+    from charlm.distributed import Ranks, peers_lost
+    from charlm.errors import TrainingError
+
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:17837")
+    lost = "rank 1 lost contact with the other training processes"
+    with pytest.raises(TrainingError, match=lost), peers_lost(Ranks(1, 2)):
+        raise gone
+    for ranks, error in ((Ranks(1, 2), RuntimeError("a bug")), (Ranks(), gone)):
+        with pytest.raises(RuntimeError) as caught, peers_lost(ranks):
+            raise error
+        assert caught.value is error  # anything else passes through untouched

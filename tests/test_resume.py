@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def test_resume_refuses_another_corpus_and_model_changes(trained_run: Path, tmp_
     result = invoke("train", other, "--resume", "--out", trained_run)
     assert result.exit_code == 1 and "not the text" in result.output
     result = invoke("train", "--resume", "--out", trained_run, "--hidden", "64")
-    assert result.exit_code == 2 and "--hidden cannot change" in result.output
+    assert result.exit_code == 2 and "--hidden is 32 in this run; 64 given" in result.output
 
 
 def test_running_into_an_existing_run_without_resume_is_refused(trained_run: Path, corpus: Path) -> None:
@@ -160,4 +161,74 @@ def test_a_run_stopped_before_it_existed_starts_again(reference: tuple[Path, Pat
     assert result.exit_code == 1 and "before training began" in result.output
     result = invoke("train", corpus, "--resume", "--out", run, "--max-steps", "3", *TINY_MODEL)
     assert result.exit_code == 0, result.output
+    assert f"no run in {run} yet: starting it" in result.output
     assert (run / "run.json").is_file()
+
+
+# The command a user (or a job scheduler) runs every time: the first launch and every relaunch.
+COMMAND = ["--optimizer", "adam", "--dropout", "0.1", "--seed", "7", *TINY_MODEL]
+
+
+def state(run: Path) -> dict:
+    return json.loads((run / "latest" / "state.json").read_text())
+
+
+def test_the_same_command_with_resume_starts_and_then_continues_the_run(corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = invoke("train", corpus, "--out", run, "--max-steps", "4", *COMMAND, "--resume")
+    assert first.exit_code == 0, first.output
+    assert f"no run in {run} yet: starting it" in first.output and state(run)["step"] == 4
+    again = invoke("train", corpus, "--out", run, "--max-steps", "4", *COMMAND, "--resume")
+    assert again.exit_code == 0, again.output  # every option given again, each with the run's value
+    assert f"resuming {run} from step 4" in again.output and "starting" not in again.output
+    longer = invoke("train", corpus, "--out", run, "--max-steps", "8", *COMMAND, "--resume")
+    assert longer.exit_code == 0, longer.output  # a stop condition may change
+    assert "from step 4" in longer.output and state(run)["step"] == 8
+    assert json.loads((run / "run.json").read_text())["config"]["train"]["max_steps"] == 8
+
+
+def test_without_out_resume_finds_the_run_of_its_corpus(in_tmp: Path, corpus: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text()[::-1])
+    command = ["train", corpus, "--max-steps", "2", *COMMAND, "--resume"]
+    first = invoke(*command)
+    assert first.exit_code == 0, first.output
+    assert "no run of" in first.output and "starting checkpoints/tiny" in first.output
+    assert invoke("train", other, "--max-steps", "2", *COMMAND).exit_code == 0  # the most recent run
+    again = invoke(*command[:3], "4", *command[4:])
+    assert again.exit_code == 0, again.output
+    assert "resuming checkpoints/tiny from step 2" in again.output  # its own run, not the latest one
+    assert sorted(p.name for p in (in_tmp / "checkpoints").iterdir()) == ["other", "tiny"]
+
+
+def test_an_option_given_another_value_is_refused_with_both_values(trained_run: Path, corpus: Path) -> None:
+    before = {
+        p: p.read_bytes() for p in (trained_run / "run.json", trained_run / "latest" / "model.safetensors")
+    }
+    result = invoke(
+        "train", corpus, "--resume", "--out", trained_run, *TINY_MODEL,
+        "--hidden", "64", "--batch-size", "16", "--tokenizer", "bpe", "--tie-weights",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    error = result.output.strip().splitlines()[-1]
+    for part in (
+        "--hidden is 32 in this run; 64 given",
+        "--batch-size is 8 in this run; 16 given",
+        "--tokenizer is char in this run; bpe given",
+        "--tie-weights is off in this run; on given",
+    ):
+        assert part in error
+    assert error.startswith("error: ") and "--max-steps" in error  # and what may change
+    assert "Traceback" not in result.output
+    assert all(path.read_bytes() == data for path, data in before.items())  # nothing was touched
+
+
+def test_an_explicit_value_equal_to_the_runs_own_is_accepted(trained_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    # --lr and --clip as the optimizer's defaults the run trained with; the model's defaults it kept
+    same = ["--lr", "0.003", "--clip", "1", "--dropout", "0.1", "--cell", "lstm", "--tokenizer", "char"]
+    result = invoke("train", "--resume", "--out", run, "--max-steps", "40", *same)
+    assert result.exit_code == 0, result.output
+    result = invoke("train", "--resume", "--out", run, "--lr", "0.01")
+    assert result.exit_code == 2 and "--lr is 0.003 in this run; 0.01 given" in result.output
