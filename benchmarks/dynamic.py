@@ -21,7 +21,9 @@ from charlm.evaluate import evaluate_dynamic, evaluate_text
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run", type=Path)
     parser.add_argument("--lrs", default="0.05,0.1,0.2,0.5,1")
     parser.add_argument("--decays", default="0,0.01")

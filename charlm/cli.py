@@ -22,6 +22,8 @@ from rich.markup import escape
 from charlm.config import (
     DEFAULT_CLIP,
     DEFAULT_LR,
+    DYNAMIC_DECAY,
+    DYNAMIC_LR,
     Cell,
     CheckpointTag,
     ModelConfig,
@@ -526,10 +528,10 @@ def eval_(
             "scoring it (the run's weights on disk are not changed).",
         ),
     ] = False,
-    dynamic_lr: Annotated[float, typer.Option(help="--dynamic: learning rate of each update.")] = 0.5,
+    dynamic_lr: Annotated[float, typer.Option(help="--dynamic: learning rate of each update.")] = DYNAMIC_LR,
     dynamic_decay: Annotated[
         float, typer.Option(help="--dynamic: pull towards the trained weights at each update.")
-    ] = 0.0,
+    ] = DYNAMIC_DECAY,
 ) -> None:
     """Score held-out text: tokens, loss (nats), perplexity per token, bits per character."""
 

@@ -20,17 +20,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from charlm.config import DYNAMIC_DECAY, DYNAMIC_LR, DYNAMIC_WINDOW
 from charlm.data import eval_streams
 from charlm.model import RNNLM, detach_hidden
 from charlm.tokenizer import Tokenizer
 
 EVAL_STREAMS = 32
 EVAL_WINDOW = 256
-# Dynamic evaluation (see :func:`dynamic_nats`): segment length, learning rate and the pull back
-# to the trained weights, chosen on a run's own held-out tail (README, "Dynamic evaluation").
-DYNAMIC_WINDOW = 32
-DYNAMIC_LR = 0.1
-DYNAMIC_DECAY = 0.0
 
 
 @dataclass(frozen=True)
