@@ -26,7 +26,7 @@ lint: install
 
 # The built-in corpus is CPython's own documentation (pydoc_data), so the demo needs no download.
 demo: install
-	$(BIN)/python -m charlm.data data/pydoc.txt
+	$(BIN)/python -m charlm.data.prepare data/pydoc.txt
 	rm -rf $(DEMO)
 	$(BIN)/charlm train data/pydoc.txt --out $(DEMO) --max-time 60s --hidden 256 --eval-every 100
 	@echo "--- sample (temperature 0.8) ---"

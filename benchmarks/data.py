@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from charlm.config import ModelConfig, TokenizerConfig, TrainConfig
-from charlm.data import batchify, count_windows, prepare_corpus, window
-from charlm.model import RNNLM, detach_hidden
-from charlm.train import build_optimizer, train_step
+from charlm.data.batches import batchify, count_windows, window
+from charlm.data.prepare import prepare_corpus
+from charlm.model.network import RNNLM, detach_hidden
+from charlm.training.loop import build_optimizer, train_step
 
 
 def build_corpus(source: Path, target: Path, size: int) -> None:

@@ -5,7 +5,7 @@
 Scores the first ``--chars`` characters of the run's held-out split (the tail of its training
 corpus, never trained on; not the text the figures are reported on) statically and under dynamic
 evaluation at each learning rate and decay, and prints the bpc of each with its gain and time.
-charlm's defaults (``charlm.evaluate.DYNAMIC_LR``, ``DYNAMIC_DECAY``) were chosen with it.
+charlm's defaults (``charlm.model.scoring.DYNAMIC_LR``, ``DYNAMIC_DECAY``) were chosen with it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import json
 import time
 from pathlib import Path
 
-from charlm.checkpoint import load_model, load_run
 from charlm.device import resolve_precision
-from charlm.evaluate import evaluate_dynamic, evaluate_text
+from charlm.model.scoring import evaluate_dynamic, evaluate_text
+from charlm.runs.checkpoint import load_model, load_run
 
 
 def main() -> None:

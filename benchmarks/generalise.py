@@ -124,7 +124,7 @@ class Reference(nn.Module):
 @torch.no_grad()
 def reference_nats(model: Reference, ids: torch.Tensor, start_id: int) -> float:
     """Summed loss of ``ids`` in the layout ``charlm eval`` uses (32 streams, 256-step windows)."""
-    from charlm.data import eval_streams
+    from charlm.data.batches import eval_streams
 
     model.eval()
     layout, hidden, total = eval_streams(ids, start_id, 32), None, 0.0
@@ -141,8 +141,8 @@ def reference_nats(model: Reference, ids: torch.Tensor, start_id: int) -> float:
 def run_reference(paths: dict[str, Path], budget: float, seed: int = 1111) -> dict:
     """The word_language_model recipe for ``budget`` seconds of training (validations included)."""
     from charlm.config import TokenizerConfig
-    from charlm.data import split_text
-    from charlm.tokenizer import train_tokenizer
+    from charlm.data.prepare import split_text
+    from charlm.data.tokenizer import train_tokenizer
 
     torch.manual_seed(seed)
     text = paths["train"].read_text(encoding="utf-8")

@@ -61,7 +61,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="charlm-kill-"))
     corpus = args.corpus
     if corpus is None:
-        from charlm.data import builtin_corpus
+        from charlm.data.prepare import builtin_corpus
 
         corpus = work / "corpus.txt"
         corpus.write_text(builtin_corpus()[:300_000], encoding="utf-8")

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from charlm import checkpoint
 from charlm.config import ModelConfig, Precision, RunConfig, TokenizerConfig, TrainConfig
-from charlm.data import builtin_corpus
+from charlm.data.prepare import builtin_corpus
 from charlm.device import resolve_device
-from charlm.evaluate import evaluate_text
-from charlm.train import fit, prepare_run
+from charlm.model.scoring import evaluate_text
+from charlm.runs import checkpoint
+from charlm.training.loop import fit, prepare_run
 
 
 def main() -> None:

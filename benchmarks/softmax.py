@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from charlm.config import ModelConfig, RunConfig, Softmax, TokenizerConfig, TokenizerKind, TrainConfig
-from charlm.train import fit, prepare_run
+from charlm.training.loop import fit, prepare_run
 
 
 def main() -> None:

@@ -8,13 +8,14 @@ symbols (charlm's char tokenizer adds 256 byte-fallback pieces: 324 outputs, on 
 ``--seconds`` after a warm-up, the median of three timed repeats:
 
 - training: the reference is a textbook fp32 loop (Embedding -> nn.LSTM -> Linear, Adam, global
-  norm clipping); charlm is :func:`charlm.train.train_step` on :class:`charlm.model.RNNLM` in the
+  norm clipping); charlm is :func:`charlm.training.loop.train_step` on
+  :class:`charlm.model.network.RNNLM` in the
   precision ``--precision auto`` picks on this device (bf16 autocast on a GPU with bf16 or a CPU with
   AVX-512 bf16 / AMX, else fp32; when it picks bf16, charlm's fp32 step is measured too);
-- evaluation: :func:`charlm.evaluate.evaluate` (no autograd, 32 long streams, in the same precision
+- evaluation: :func:`charlm.model.scoring.evaluate` (no autograd, 32 long streams, in the same precision
   as charlm's training, as ``charlm eval`` scores a run), against charlm's own training throughput;
 - sampling: the reference calls ``nn.LSTM`` once per token and samples from the softmax (what most
-  tools do); charlm is :func:`charlm.generate.generate`, the whole path of ``charlm sample``
+  tools do); charlm is :func:`charlm.generation.sampling.generate`, the whole path of ``charlm sample``
   (prime, set-up, picking, streaming decoding), for one sample of 1000 tokens and for 32 samples
   of 200 drawn at once (``--num-samples 32``);
 - start-up: the median wall time of ``charlm --help`` in a new process (five runs).
@@ -40,12 +41,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from charlm.config import ModelConfig, Precision, SampleConfig, TokenizerConfig
+from charlm.data.tokenizer import train_tokenizer
 from charlm.device import resolve_device, resolve_precision
-from charlm.evaluate import evaluate
-from charlm.generate import generate, make_generator
-from charlm.model import RNNLM, detach_hidden
-from charlm.tokenizer import train_tokenizer
-from charlm.train import train_step
+from charlm.generation.sampling import generate, make_generator
+from charlm.model.network import RNNLM, detach_hidden
+from charlm.model.scoring import evaluate
+from charlm.training.loop import train_step
 
 
 class Reference(nn.Module):

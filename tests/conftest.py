@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from charlm.cli import app
-from charlm.data import builtin_corpus
+from charlm.cli.app import app
+from charlm.data.prepare import builtin_corpus
 
 # Small enough that a CLI run trains in about a second on one CPU core.
 TINY_MODEL = [

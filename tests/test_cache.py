@@ -12,12 +12,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charlm import cache
 from charlm.config import TokenizerConfig, TokenizerKind
-from charlm.corpus import read_range, scan, split_point, text_chunks
-from charlm.data import prepare_corpus, split_text
+from charlm.data import cache
+from charlm.data.corpus import read_range, scan, split_point, text_chunks
+from charlm.data.prepare import prepare_corpus, split_text
+from charlm.data.tokenizer import train_tokenizer
 from charlm.errors import CorpusError
-from charlm.tokenizer import train_tokenizer
 
 TEXT = st.text(alphabet=st.sampled_from("ab \n\té€😀\u2581\ue000"), max_size=400)
 

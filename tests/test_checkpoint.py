@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from charlm import checkpoint
 from charlm.errors import CheckpointError
+from charlm.runs import checkpoint
 
 
 def test_a_save_cut_between_its_renames_still_loads(trained_run: Path, tmp_path: Path) -> None:

@@ -105,9 +105,9 @@ def test_sample_defaults_to_the_most_recent_run(in_tmp: Path, corpus: Path) -> N
 
 
 def test_sample_stdout_is_exactly_the_generated_text(trained_run: Path) -> None:
-    from charlm import checkpoint
     from charlm.config import SampleConfig
-    from charlm.generate import generate, make_generator
+    from charlm.generation.sampling import generate, make_generator
+    from charlm.runs import checkpoint
 
     run = checkpoint.load_run(trained_run)
     model = checkpoint.load_model(run)
@@ -290,7 +290,7 @@ def test_an_output_directory_that_cannot_be_written(in_tmp: Path, corpus: Path) 
 
 def test_help_is_fast_because_it_does_not_import_torch() -> None:
     probe = (
-        "import sys; from typer.testing import CliRunner; from charlm.cli import app; "
+        "import sys; from typer.testing import CliRunner; from charlm.cli.app import app; "
         "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
         "print('torch' in sys.modules, 'sentencepiece' in sys.modules)"
     )
@@ -308,7 +308,7 @@ def test_the_data_progress_bar_renders_and_goes_away() -> None:
 
     from rich.console import Console
 
-    from charlm.progress import TrainProgress
+    from charlm.cli.render import TrainProgress
 
     console = Console(file=io.StringIO(), force_terminal=True, width=80)
     with TrainProgress(console) as progress:

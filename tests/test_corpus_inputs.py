@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from charlm.config import TokenizerConfig
-from charlm.corpus import corpus_name, expand_inputs, scan
-from charlm.data import prepare_corpus, read_corpus
+from charlm.data.corpus import corpus_name, expand_inputs, scan
+from charlm.data.prepare import prepare_corpus, read_corpus
 from charlm.errors import CorpusError
 from tests.conftest import TINY_MODEL, invoke
 

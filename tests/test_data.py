@@ -9,7 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from charlm.data import batchify, eval_streams, read_corpus, split_text, window, windows
+from charlm.data.batches import batchify, eval_streams, window, windows
+from charlm.data.prepare import read_corpus, split_text
 from charlm.errors import CorpusError
 
 

@@ -13,8 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charlm.config import Cell
-from charlm.diagnose import diagnose_model, effective_memory, fresh_model, gradient_norms, spectral_radii
-from charlm.tasks import BLANK, QUERY, SYMBOLS, recall_batch, train_recall
+from charlm.diagnostics.gradients import (
+    diagnose_model,
+    effective_memory,
+    fresh_model,
+    gradient_norms,
+    spectral_radii,
+)
+from charlm.diagnostics.recall import BLANK, QUERY, SYMBOLS, recall_batch, train_recall
 from tests.conftest import invoke
 
 

@@ -140,7 +140,7 @@ def test_an_error_under_torchrun_ends_every_rank_with_one_line_and_no_traceback(
 
 SETTLE = """
 import sys
-from charlm import distributed
+from charlm.training import distributed
 from charlm.errors import CharlmError, CorpusError
 
 ranks = distributed.from_env()
@@ -172,8 +172,8 @@ def test_settle_raises_the_failure_of_any_rank_on_every_rank(tmp_path: Path) -> 
 
 
 def test_a_collective_broken_by_a_peer_that_ended_is_one_line() -> None:
-    from charlm.distributed import Ranks, peers_lost
     from charlm.errors import TrainingError
+    from charlm.training.distributed import Ranks, peers_lost
 
     gone = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:17837")
     lost = "rank 1 lost contact with the other training processes"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from charlm.config import ModelConfig
-from charlm.evaluate import evaluate, score
-from charlm.model import RNNLM
+from charlm.model.network import RNNLM
+from charlm.model.scoring import evaluate, score
 
 
 @pytest.mark.parametrize("vocab", [2, 65, 320])

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from charlm.config import SampleConfig
-from charlm.generate import Picker, filter_logits, make_generator
+from charlm.generation.sampling import Picker, filter_logits, make_generator
 
 logit_lists = st.lists(st.floats(-10, 10), min_size=2, max_size=30)
 
@@ -63,9 +63,9 @@ def test_sampling_follows_the_distribution_and_never_picks_a_masked_token() -> N
 
 def test_the_unknown_piece_is_never_sampled(corpus_text: str) -> None:
     from charlm.config import ModelConfig, TokenizerConfig
-    from charlm.generate import generate
-    from charlm.model import RNNLM
-    from charlm.tokenizer import train_tokenizer
+    from charlm.data.tokenizer import train_tokenizer
+    from charlm.generation.sampling import generate
+    from charlm.model.network import RNNLM
 
     tokenizer = train_tokenizer(corpus_text, TokenizerConfig())
     model = RNNLM(ModelConfig(vocab_size=tokenizer.vocab_size, hidden=8, embed=8))
@@ -80,9 +80,9 @@ def test_several_samples_are_drawn_at_once_each_from_the_prime(corpus_text: str)
     """--num-samples runs one batch: every sample continues the prime, they differ, and the
     first of a batch of 3 is what a greedy single sample would be when the temperature is 0."""
     from charlm.config import ModelConfig, TokenizerConfig
-    from charlm.generate import generate
-    from charlm.model import RNNLM
-    from charlm.tokenizer import train_tokenizer
+    from charlm.data.tokenizer import train_tokenizer
+    from charlm.generation.sampling import generate
+    from charlm.model.network import RNNLM
 
     tokenizer = train_tokenizer(corpus_text, TokenizerConfig())
     torch.manual_seed(0)
@@ -112,8 +112,8 @@ def test_stepper_gives_the_probabilities_of_the_model(
 ) -> None:
     """Step by step, the fast path's next-token distribution equals nn.LSTM/GRU/RNN's to 1e-5."""
     from charlm.config import Cell, ModelConfig, Softmax
-    from charlm.model import RNNLM
-    from charlm.stepper import Stepper
+    from charlm.model.network import RNNLM
+    from charlm.model.stepper import Stepper
 
     torch.manual_seed(0)
     config = ModelConfig(

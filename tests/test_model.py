@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from charlm.config import Cell, ModelConfig
 from charlm.errors import ConfigError
-from charlm.model import RNNLM, detach_hidden
+from charlm.model.network import RNNLM, detach_hidden
 
 
 def tiny(cell: Cell = Cell.lstm, **kw: object) -> RNNLM:

@@ -10,11 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charlm import checkpoint
 from charlm.config import Cell, ModelConfig, RunConfig, TokenizerConfig
-from charlm.evaluate import dynamic_nats, evaluate, total_nats
-from charlm.model import RNNLM
-from charlm.train import OVERFIT_PATIENCE
+from charlm.model.network import RNNLM
+from charlm.model.scoring import dynamic_nats, evaluate, total_nats
+from charlm.runs import checkpoint
+from charlm.training.loop import OVERFIT_PATIENCE
 from tests.conftest import TINY_MODEL, invoke
 
 
@@ -106,7 +106,7 @@ def test_memorisation_warning_comes_once(
     tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Held-out losses that stall while the training loss falls: one warning, with a remedy."""
-    from charlm import train as module
+    from charlm.training import loop as module
     from tests.test_train import config
 
     scripted = iter([3.0, 2.0] + [2.1] * 20)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from charlm.lock import RunLock
+from charlm.runs.lock import RunLock
 from tests.conftest import TINY_MODEL, invoke
 
 # Saves every 3 steps, validates every 20: kills land before, between and during saves.

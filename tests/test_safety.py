@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlm import checkpoint
-from charlm.data import builtin_corpus
-from charlm.model import RNNLM
-from charlm.train import MAX_BAD_STEPS, fit, prepare_run
+from charlm.data.prepare import builtin_corpus
+from charlm.model.network import RNNLM
+from charlm.runs import checkpoint
+from charlm.training.loop import MAX_BAD_STEPS, fit, prepare_run
 from tests.conftest import TINY_MODEL, invoke
 
 

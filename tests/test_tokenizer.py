@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charlm.config import TokenizerConfig, TokenizerKind
+from charlm.data.tokenizer import ESC, META, StreamDecoder, Tokenizer, escape, train_tokenizer, unescape
 from charlm.errors import TokenizerError
-from charlm.tokenizer import ESC, META, StreamDecoder, Tokenizer, escape, train_tokenizer, unescape
 
 # Any text a UTF-8 file can hold (surrogates cannot be encoded), biased towards the hard parts:
 # whitespace runs, newlines, the escape characters, emoji and characters never seen in training.
@@ -56,7 +56,7 @@ def test_newline_is_one_piece(tokenizer: Tokenizer) -> None:
 
 
 def test_long_text_is_encoded_in_chunks_identically(tokenizer: Tokenizer, corpus_text: str) -> None:
-    from charlm import tokenizer as module
+    from charlm.data import tokenizer as module
 
     whole = tokenizer.encode(corpus_text)
     old = module._ENCODE_CHUNK_CHARS

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlm import checkpoint
 from charlm.config import ModelConfig, OptimizerKind, RunConfig, TokenizerConfig, TrainConfig
-from charlm.model import RNNLM, detach_hidden
-from charlm.train import fit, prepare_run, train_step
+from charlm.model.network import RNNLM, detach_hidden
+from charlm.runs import checkpoint
+from charlm.training.loop import fit, prepare_run, train_step
 
 
 def config(**train: object) -> RunConfig:
@@ -79,7 +79,7 @@ def test_epochs_stop_the_run(tmp_path: Path, corpus: Path) -> None:
 
 
 def test_lr_schedule_holds_then_decays_linearly_to_zero() -> None:
-    from charlm.train import lr_scale
+    from charlm.training.loop import lr_scale
 
     assert lr_scale(0.0, 0.3) == lr_scale(0.7, 0.3) == 1.0
     assert abs(lr_scale(0.85, 0.3) - 0.5) < 1e-12
@@ -91,7 +91,7 @@ def test_plateau_anneals_the_learning_rate(
     tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each validation that does not beat the best so far multiplies the lr by ``anneal``."""
-    from charlm import train as module
+    from charlm.training import loop as module
 
     scripted = iter([3.0, 2.0, 2.5, 2.6, 1.9])  # validations 3 and 4 are worse than the best
 
@@ -112,7 +112,7 @@ def test_trainer_carries_the_hidden_state_between_windows(
     tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each window starts from the previous window's final state, detached; an epoch from zeros."""
-    from charlm import train as module
+    from charlm.training import loop as module
 
     calls = []
     real_step = module.train_step

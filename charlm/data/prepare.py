@@ -1,22 +1,6 @@
-"""Corpus -> token ids -> parallel streams -> BPTT windows.
-
-Teacher forcing with truncated backpropagation through time (TBPTT) sees the token stream as
-``batch_size`` parallel streams, each a contiguous slice of the corpus, so a hidden state carried
-from one window to the next continues the same text::
-
-    corpus  a b c d e f g h i j k l m n o p q r s t u v w x      (24 tokens, batch_size 4)
-
-    streams (T=6, B=4)       window t (bptt 2):  x = rows t..t+1, y = rows t+1..t+2
-      a g m s
-      b h n t                 x: a g m s   y: b h n t
-      c i o u                    b h n t      c i o u
-      d j p v
-      e k q w
-      f l r x
-
-Row ``i`` of window ``k+1`` follows row ``i`` of window ``k`` in the text, so the final hidden state
-of one window is the right initial state of the next (detached, to truncate the gradient).
-"""
+"""Corpus -> tokenizer -> token ids: reading, splitting off the held-out tail, training the
+tokenizer and encoding through the token cache (see :mod:`charlm.data.batches` for the layout
+training reads)."""
 
 from __future__ import annotations
 
@@ -27,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from charlm import cache
 from charlm.config import TokenizerConfig
-from charlm.corpus import (
+from charlm.data import cache
+from charlm.data.corpus import (
     Progress,
     describe,
     expand_inputs,
@@ -40,17 +24,17 @@ from charlm.corpus import (
     split_point,
     text_chunks,
 )
+from charlm.data.tokenizer import Tokenizer, train_tokenizer_from
 from charlm.errors import CorpusError, TokenizerError
-from charlm.tokenizer import Tokenizer, train_tokenizer_from
 
 
 def read_corpus(inputs: Sequence[Path | str], encoding: str = "utf-8") -> str:
     """The text of one or more inputs (files, directories, glob patterns, compressed files: see
-    :func:`charlm.corpus.expand_inputs`), joined with a newline where a file does not end in one
+    :func:`charlm.data.corpus.expand_inputs`), joined with a newline where a file does not end in one
     (for texts that fit in memory: ``charlm eval --data``).
 
     Raises:
-        CorpusError: as :func:`charlm.corpus.expand_inputs`, a file is missing, unreadable,
+        CorpusError: as :func:`charlm.data.corpus.expand_inputs`, a file is missing, unreadable,
             damaged, binary, not in ``encoding``, or the whole text is empty or whitespace only.
     """
     text = "".join(text_chunks(expand_inputs(inputs), encoding))
@@ -72,69 +56,9 @@ def builtin_corpus() -> str:
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     """Split into (train, validation): the validation text is the contiguous tail, never trained on
-    (see :func:`charlm.corpus.split_point`; this is the same cut on a text in memory)."""
+    (see :func:`charlm.data.corpus.split_point`; this is the same cut on a text in memory)."""
     cut = split_point(len(text), val_fraction, lambda start, end: text[start:end])
     return text[:cut], text[cut:]
-
-
-def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Lay ``ids`` (N,) out as ``batch_size`` contiguous streams: a view (B, N // B), no copy, so
-    the ids may stay memory-mapped on disk. Row b is stream b, the columns of the diagram above.
-
-    The last ``N % batch_size`` tokens are dropped (less than one per stream).
-    """
-    length = ids.numel() // batch_size
-    return ids[: length * batch_size].view(batch_size, length)  # (B, L)
-
-
-def windows(streams: torch.Tensor, bptt: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive (input, target) windows of ``streams`` (B, L), each (<=bptt, B), target = input
-    shifted one step ahead in time, from window number ``start``."""
-    for index in range(start, count_windows(streams, bptt)):
-        yield window(streams, index, bptt)
-
-
-def count_windows(streams: torch.Tensor, bptt: int) -> int:
-    """How many BPTT windows one pass over ``streams`` (B, L) has."""
-    return -(-(streams.size(1) - 1) // bptt)  # ceil
-
-
-def window(streams: torch.Tensor, index: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Window number ``index`` of ``streams`` (B, L): input steps index*bptt .. +bptt-1 as (<=bptt, B)
-    int64, and the targets one step later. Addressed by number, so a resumed run continues at the
-    exact window it stopped at. Only this window is read (from disk if the ids are mapped)."""
-    i = index * bptt
-    n = min(bptt, streams.size(1) - 1 - i)
-    block = streams[:, i : i + n + 1].t().contiguous().long()  # (n + 1, B)
-    return block[:-1], block[1:]
-
-
-@dataclass(frozen=True)
-class EvalStreams:
-    """A token stream laid out for evaluation: every token is scored exactly once.
-
-    inputs/targets are (T, B); the stream is cut into B nearly equal contiguous pieces, the
-    first input is the newline (a start-of-text context), and padding targets are -100 (ignored).
-    """
-
-    inputs: torch.Tensor  # (T, B)
-    targets: torch.Tensor  # (T, B)
-    tokens: int
-
-
-def eval_streams(ids: torch.Tensor, start_id: int, streams: int) -> EvalStreams:
-    """Lay out ``ids`` (N,) so that all N tokens are predicted, each from the tokens before it."""
-    ids, n = ids.long(), ids.numel()
-    streams = max(1, min(streams, n))
-    length = -(-n // streams)  # ceil
-    inputs = torch.full((streams * length,), start_id, dtype=torch.long)
-    targets = torch.full((streams * length,), -100, dtype=torch.long)
-    inputs[1:n] = ids[: n - 1]
-    targets[:n] = ids
-    # (B, T) -> (T, B): stream b holds tokens b*length .. (b+1)*length-1
-    return EvalStreams(
-        inputs.view(streams, length).t().contiguous(), targets.view(streams, length).t().contiguous(), n
-    )
 
 
 @dataclass(frozen=True)
@@ -163,11 +87,11 @@ def prepare_corpus(
     only (validation characters it never saw fall back to bytes) and encode both parts.
 
     The corpus streams through in pieces and its ids go to memory-mapped files in the token cache
-    (:mod:`charlm.cache`), so memory stays bounded whatever its size, and a second run on the same
+    (:mod:`charlm.data.cache`), so memory stays bounded whatever its size, and a second run on the same
     text, split and tokenizer encodes nothing. The validation text is held in memory (it is
     ``val_fraction`` of the corpus). A resumed run passes its own ``tokenizer``, used as it is.
     ``inputs`` are files, directories, glob patterns and compressed files (see
-    :func:`charlm.corpus.expand_inputs`), expanded once here, so every pass reads the same files.
+    :func:`charlm.data.corpus.expand_inputs`), expanded once here, so every pass reads the same files.
 
     Raises:
         CorpusError: unusable, or too small for the split or for ``min_train_tokens``.
@@ -229,15 +153,6 @@ def _loads(proto: bytes) -> bool:
     return True
 
 
-def token_counts(ids: torch.Tensor, vocab_size: int, chunk: int = 1 << 24) -> torch.Tensor:
-    """How often each token occurs in ``ids`` (N,), (V,), counted a chunk at a time (the ids may
-    be memory-mapped and larger than memory)."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for start in range(0, ids.numel(), chunk):
-        counts += torch.bincount(ids[start : start + chunk].long(), minlength=vocab_size)
-    return counts
-
-
 def _reporting(chunks: Iterator[str], total: int, progress: Progress) -> Iterator[str]:
     """Pass ``chunks`` through, reporting characters done out of ``total``."""
     done = 0
@@ -247,7 +162,7 @@ def _reporting(chunks: Iterator[str], total: int, progress: Progress) -> Iterato
         progress("encoding corpus", done, total)
 
 
-if __name__ == "__main__":  # `python -m charlm.data FILE` writes the built-in corpus (make demo)
+if __name__ == "__main__":  # `python -m charlm.data.prepare FILE` writes the built-in corpus (make demo)
     import sys
 
     target = Path(sys.argv[1])

@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from charlm.config import Cell
-from charlm.model import RNNLM
+from charlm.model.network import RNNLM
 
 State = list[torch.Tensor]
 Step = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]

@@ -17,17 +17,18 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from charlm import checkpoint
-from charlm.checkpoint import Run, Snapshot
 from charlm.config import ModelConfig, OptimizerKind, RunConfig, TrainConfig
-from charlm.corpus import describe
-from charlm.data import batchify, count_windows, prepare_corpus, token_counts, window
+from charlm.data.batches import batchify, count_windows, token_counts, window
+from charlm.data.corpus import describe
+from charlm.data.prepare import prepare_corpus
 from charlm.device import resolve_device, resolve_precision
-from charlm.distributed import SINGLE, Ranks, all_gather, all_reduce, rank_device, share
 from charlm.errors import CheckpointError, ConfigError, CorpusError, TrainingError
-from charlm.evaluate import EvalResult, score, total_nats
-from charlm.model import RNNLM, Hidden, count_parameters, detach_hidden
-from charlm.stopping import StopRequest
+from charlm.model.network import RNNLM, Hidden, count_parameters, detach_hidden
+from charlm.model.scoring import EvalResult, score, total_nats
+from charlm.runs import checkpoint
+from charlm.runs.checkpoint import Run, Snapshot
+from charlm.training.distributed import SINGLE, Ranks, all_gather, all_reduce, rank_device, share
+from charlm.training.stopping import StopRequest
 
 # Non-finite steps: this many in a row restore the last good state, with the learning rate times
 # RECOVERY_LR; after MAX_RECOVERIES restores without a good checkpoint in between, give up.
@@ -106,7 +107,7 @@ def prepare_run(
     encoding: str = "utf-8",
     callbacks: Callbacks | None = None,
 ) -> tuple[Run, torch.Tensor, torch.Tensor]:
-    """Prepare the corpus (see :func:`charlm.data.prepare_corpus`) and create the run directory.
+    """Prepare the corpus (see :func:`charlm.data.prepare.prepare_corpus`) and create the run directory.
 
     Returns:
         The run, the training ids (N,) and the validation ids (M,).
@@ -777,5 +778,5 @@ def fit(
 ) -> TrainResult:
     """Train the run's model on ``train_ids`` (N,), validating on ``val_ids`` (see :class:`Trainer`);
     ``resume`` continues from a checkpoint exactly where it stood; ``ranks`` places this process
-    in a distributed run (see :mod:`charlm.distributed`)."""
+    in a distributed run (see :mod:`charlm.training.distributed`)."""
     return Trainer(run, train_ids, val_ids, callbacks or SilentCallbacks(), stop, resume, ranks).fit()

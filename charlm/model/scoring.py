@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from charlm.config import DYNAMIC_DECAY, DYNAMIC_LR, DYNAMIC_WINDOW
-from charlm.data import eval_streams
-from charlm.model import RNNLM, detach_hidden
-from charlm.tokenizer import Tokenizer
+from charlm.data.batches import eval_streams
+from charlm.data.tokenizer import Tokenizer
+from charlm.model.network import RNNLM, detach_hidden
 
 EVAL_STREAMS = 32
 EVAL_WINDOW = 256

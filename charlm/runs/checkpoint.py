@@ -8,7 +8,7 @@ Layout (everything ``sample``, ``eval`` and ``train --resume`` need, nothing tha
       tokenizer.model   the SentencePiece model (a protobuf)
       heldout.txt       the validation text, never trained on
       metrics.jsonl     one JSON object per evaluation
-      .lock             held by the one process training into the run (see :mod:`charlm.lock`)
+      .lock             held by the one process training into the run (see :mod:`charlm.runs.lock`)
       best/             the state with the lowest validation loss so far
       latest/           the most recent state
         model.safetensors     the weights (plain tensors: safetensors, no pickle, no code)
@@ -41,10 +41,10 @@ from safetensors import torch as safetensors_torch
 
 from charlm import __version__
 from charlm.config import RunConfig
-from charlm.corpus import corpus_name, describe
+from charlm.data.corpus import corpus_name, describe
+from charlm.data.tokenizer import Tokenizer
 from charlm.errors import CharlmError, CheckpointError, ConfigError
-from charlm.model import RNNLM
-from charlm.tokenizer import Tokenizer
+from charlm.model.network import RNNLM
 
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"

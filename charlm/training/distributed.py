@@ -5,7 +5,7 @@ process's environment; :func:`from_env` reads them, and :func:`start` joins the 
 (NCCL on CUDA, gloo on the CPU). Without ``torchrun`` a run is one process and every helper here
 is a no-op, so the training loop has one code path.
 
-How the work is shared (see :class:`charlm.train.Trainer`): the global ``--batch-size`` streams are
+How the work is shared (see :class:`charlm.training.loop.Trainer`): the global ``--batch-size`` streams are
 split into equal contiguous blocks, one per rank, each read from the memory-mapped token cache;
 DistributedDataParallel averages the gradients, so each step equals a single process's step on
 the whole batch; every decision that depends on a clock or a signal is agreed on by all ranks;

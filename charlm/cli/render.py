@@ -1,5 +1,5 @@
 """Rich rendering of training progress and results, on stderr (stdout is for sampled text and
-JSON). Implements :class:`charlm.train.Callbacks`."""
+JSON). Implements :class:`charlm.training.loop.Callbacks`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from charlm.train import StepReport
+    from charlm.training.loop import StepReport
 
 LN2 = math.log(2)
 
@@ -95,7 +95,7 @@ class TrainProgress:
             self._data, self._data_tasks = None, {}
 
     def on_step(self, report: StepReport) -> None:
-        """Update the bar from a :class:`charlm.train.StepReport`."""
+        """Update the bar from a :class:`charlm.training.loop.StepReport`."""
         self._progress.start()  # a no-op once started
         self._progress.start_task(self._task)
         self._progress.update(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from charlm.config import Cell, ModelConfig
-from charlm.model import RNNLM
+from charlm.model.network import RNNLM
 
 SYMBOLS = 8
 BLANK, QUERY = SYMBOLS, SYMBOLS + 1

@@ -19,7 +19,7 @@ step needs and does only that arithmetic:
   probabilities equal ``nn.LSTM``'s to float rounding (a test holds them to 1e-5).
 
 It steps B streams at once, so many samples cost little more than one. It is CPU-only: on CUDA a
-step is bound by kernel launches, and :func:`charlm.generate.generate` calls the module (cuDNN).
+step is bound by kernel launches, and :func:`charlm.generation.sampling.generate` calls the module (cuDNN).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from charlm.config import Cell
-from charlm.model import RNNLM, Hidden
+from charlm.model.network import RNNLM, Hidden
 
 Array = np.ndarray
 

@@ -43,8 +43,8 @@ from charlm.errors import CharlmError, CheckpointError, ConfigError
 if TYPE_CHECKING:  # imported by the commands that use them, so `charlm --help` stays instant
     import torch
 
-    from charlm.checkpoint import Run, Snapshot
-    from charlm.progress import TrainProgress
+    from charlm.cli.render import TrainProgress
+    from charlm.runs.checkpoint import Run, Snapshot
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -235,12 +235,13 @@ def train(
     """
 
     def action() -> int:
-        from charlm import checkpoint, distributed
+        from charlm.cli.render import TrainProgress
         from charlm.device import resolve_device
-        from charlm.lock import RunLock
-        from charlm.progress import TrainProgress
-        from charlm.stopping import StopRequest
-        from charlm.train import fit, prepare_resume, prepare_run, resumed_config
+        from charlm.runs import checkpoint
+        from charlm.runs.lock import RunLock
+        from charlm.training import distributed
+        from charlm.training.loop import fit, prepare_resume, prepare_run, resumed_config
+        from charlm.training.stopping import StopRequest
 
         def train_config() -> TrainConfig:
             save_steps, save_seconds = parse_save_every(save_every)
@@ -387,7 +388,7 @@ def train(
     except typer.Exit as exc:
         code = exc.exit_code
     if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
-        from charlm import distributed
+        from charlm.training import distributed
 
         distributed.exit_now(code)  # see its docstring: a clean exit can abort under gloo
     if code:
@@ -396,7 +397,7 @@ def train(
 
 def _resume_changes(ctx: typer.Context, config: TrainConfig) -> dict[str, Any]:
     """The options typed on this command line, by name, with the values they set (for --resume,
-    which compares them with the run's own: see :func:`charlm.train.resumed_config`)."""
+    which compares them with the run's own: see :func:`charlm.training.loop.resumed_config`)."""
     fixed = {"corpus", "out", "resume", "encoding"}
     given = [
         name
@@ -416,8 +417,8 @@ def _resume_changes(ctx: typer.Context, config: TrainConfig) -> dict[str, Any]:
 
 def _open(run_path: Path | None, tag: CheckpointTag, device: str) -> tuple[Any, Any]:
     """Load a run (default: the most recent) and its model on the device."""
-    from charlm import checkpoint
     from charlm.device import resolve_device
+    from charlm.runs import checkpoint
 
     dev = resolve_device(device)
     run = checkpoint.load_run(run_path or checkpoint.latest_run())
@@ -450,7 +451,7 @@ def sample(
     """Generate text from a trained run; the text streams to stdout."""
 
     def action() -> None:
-        from charlm.generate import generate, make_generator
+        from charlm.generation.sampling import generate, make_generator
 
         config = SampleConfig(
             length=length,
@@ -536,10 +537,10 @@ def eval_(
     """Score held-out text: tokens, loss (nats), perplexity per token, bits per character."""
 
     def action() -> None:
-        from charlm.data import read_corpus
+        from charlm.cli.render import TrainProgress, eval_table
+        from charlm.data.prepare import read_corpus
         from charlm.device import resolve_precision
-        from charlm.evaluate import evaluate_dynamic, evaluate_text
-        from charlm.progress import TrainProgress, eval_table
+        from charlm.model.scoring import evaluate_dynamic, evaluate_text
 
         loaded, model = _open(run, checkpoint, device)
         text = read_corpus(data, encoding) if data else loaded.heldout_text()
@@ -617,10 +618,10 @@ def diagnose(
         if task:
             _diagnose_task(cells, distances, task_steps, forget_bias, seed, plot, as_json)
             return
-        from charlm import diagnose as lib
-        from charlm.data import builtin_corpus, read_corpus
+        from charlm.data.prepare import builtin_corpus, read_corpus
+        from charlm.data.tokenizer import train_tokenizer
         from charlm.device import resolve_device
-        from charlm.tokenizer import train_tokenizer
+        from charlm.diagnostics import gradients as lib
 
         if cell is not None:  # a fresh model: its own char tokenizer over the text
             torch.manual_seed(seed)
@@ -642,13 +643,13 @@ def diagnose(
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         if plot is not None:
-            from charlm.plots import plot_gradients
+            from charlm.diagnostics.plots import plot_gradients
 
             plot_gradients({name: report.norms}, plot)
         if as_json:
             sys.stdout.write(json.dumps({"model": name, **dataclasses.asdict(report)}) + "\n")
             return
-        from charlm.progress import gradient_table, radii_table
+        from charlm.cli.render import gradient_table, radii_table
 
         console = Console()
         console.print(gradient_table(report.norms, report.effective_memory))
@@ -661,7 +662,7 @@ def _diagnose_task(
     cells: str, distances: str, steps: int, forget_bias: float, seed: int, plot: Path | None, as_json: bool
 ) -> None:
     """``charlm diagnose --task``: the delayed-recall table (progress on stderr)."""
-    from charlm import tasks
+    from charlm.diagnostics import recall as tasks
 
     try:
         chosen = [Cell(c.strip()) for c in cells.split(",") if c.strip()]
@@ -677,14 +678,14 @@ def _diagnose_task(
     results = tasks.recall_table(chosen, lags, steps, seed=seed, forget_bias=forget_bias, on_result=report)
     accuracy = {r.cell: r.accuracy for r in results}
     if plot is not None:
-        from charlm.plots import plot_recall
+        from charlm.diagnostics.plots import plot_recall
 
         plot_recall(accuracy, plot, 1 / tasks.SYMBOLS)
     if as_json:
         sys.stdout.write(json.dumps({"task": "delayed recall", "steps": steps, "results": [
             dataclasses.asdict(r) for r in results]}) + "\n")  # fmt: skip
         return
-    from charlm.progress import recall_table
+    from charlm.cli.render import recall_table
 
     Console().print(recall_table(accuracy, {r.cell: r.largest for r in results}))
 
@@ -701,8 +702,8 @@ def plot(
     fraction) and learning rate to a PNG."""
 
     def action() -> None:
-        from charlm import checkpoint
-        from charlm.plots import plot_training
+        from charlm.diagnostics.plots import plot_training
+        from charlm.runs import checkpoint
 
         loaded = checkpoint.load_run(run or checkpoint.latest_run())
         records = checkpoint.read_metrics(loaded.path)

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from charlm.config import SampleConfig
-from charlm.model import RNNLM
-from charlm.stepper import Stepper
-from charlm.tokenizer import StreamDecoder, Tokenizer
+from charlm.data.tokenizer import StreamDecoder, Tokenizer
+from charlm.model.network import RNNLM
+from charlm.model.stepper import Stepper
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

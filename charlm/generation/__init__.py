@@ -1,0 +1,1 @@
+"""Text from a model: the sampling controls and the batched sampler."""
