@@ -17,7 +17,8 @@ from pathlib import Path
 
 from charlm.device import resolve_precision
 from charlm.model.scoring import evaluate_dynamic, evaluate_text
-from charlm.runs.checkpoint import load_model, load_run
+from charlm.runs.checkpoint import load_model
+from charlm.runs.rundir import load_run
 
 
 def main() -> None:

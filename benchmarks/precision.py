@@ -12,7 +12,6 @@ corpus it uses the built-in one (CPython's documentation), so it runs anywhere o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import tempfile
@@ -20,12 +19,9 @@ from pathlib import Path
 
 import torch
 
-from charlm.config import ModelConfig, Precision, RunConfig, TokenizerConfig, TrainConfig
+import charlm
+from charlm.config import ModelConfig, Precision, TrainConfig
 from charlm.data.prepare import builtin_corpus
-from charlm.device import resolve_device
-from charlm.model.scoring import evaluate_text
-from charlm.runs import checkpoint
-from charlm.training.loop import fit, prepare_run
 
 
 def main() -> None:
@@ -49,26 +45,16 @@ def main() -> None:
             corpus = [Path(tmp) / "pydoc.txt"]
             corpus[0].write_text(builtin_corpus(), encoding="utf-8")
         for precision in (Precision.fp32, Precision.bf16):
-            train = dataclasses.replace(
-                TrainConfig(),
-                max_steps=args.steps,
-                epochs=10_000,
-                eval_every=args.steps,
-                batch_size=args.batch,
-                bptt=args.bptt,
-                device=args.device,
-                precision=precision,
-                save_seconds=None,
-            )
-            model = ModelConfig(hidden=args.hidden, embed=args.hidden)
-            config = RunConfig(TokenizerConfig(), model, train)
-            run, train_ids, val_ids = prepare_run(corpus, config, Path(tmp) / precision.value)
-            result = fit(run, train_ids, val_ids)
+            result = charlm.train(
+                corpus, out=Path(tmp) / precision.value, max_steps=args.steps, epochs=10_000,
+                eval_every=args.steps, batch_size=args.batch, bptt=args.bptt, device=args.device,
+                precision=precision, save_every="1000000000", hidden=args.hidden, embed=args.hidden,
+            )  # fmt: skip
             assert result.best is not None
-            model = checkpoint.load_model(run, checkpoint.BEST, resolve_device(args.device))
-            text = run.heldout_text()
-            fp32_score = evaluate_text(model, run.tokenizer, text, None).bpc
-            bf16_score = evaluate_text(model, run.tokenizer, text, torch.bfloat16).bpc
+            model = charlm.load(result.run_dir, device=args.device)
+            text = model.run.heldout_text()
+            fp32_score = model.evaluate(text, Precision.fp32).bpc
+            bf16_score = model.evaluate(text, Precision.bf16).bpc
             figures[precision.value] = {
                 "heldout_bpc": round(result.best.bpc, 4),
                 "heldout_bpc_scored_fp32": round(fp32_score, 5),

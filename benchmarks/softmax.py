@@ -11,15 +11,14 @@ held-out bits per character, and the ratios, as a table and as one JSON object.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
 
 import torch
 
-from charlm.config import ModelConfig, RunConfig, Softmax, TokenizerConfig, TokenizerKind, TrainConfig
-from charlm.training.loop import fit, prepare_run
+import charlm
+from charlm.config import Softmax, TokenizerKind
 
 
 def main() -> None:
@@ -35,15 +34,11 @@ def main() -> None:
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         for softmax in (Softmax.full, Softmax.adaptive):
-            train = dataclasses.replace(
-                TrainConfig(), max_steps=args.steps, epochs=10_000, eval_every=args.steps,
-                device=args.device, save_seconds=None,
+            result = charlm.train(
+                args.corpus, out=Path(tmp) / softmax.value, tokenizer=args.tokenizer,
+                vocab_size=args.vocab_size, softmax=softmax, max_steps=args.steps, epochs=10_000,
+                eval_every=args.steps, device=args.device, save_every="1000000000",
             )  # fmt: skip
-            config = RunConfig(
-                TokenizerConfig(args.tokenizer, args.vocab_size), ModelConfig(softmax=softmax), train
-            )
-            run, train_ids, val_ids = prepare_run(args.corpus, config, Path(tmp) / softmax.value)
-            result = fit(run, train_ids, val_ids)
             assert result.best is not None
             figures[softmax.value] = {
                 "tokens_per_s": round(result.tokens / result.elapsed),

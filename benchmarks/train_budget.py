@@ -5,14 +5,14 @@
 Trains charlm's default configuration (exactly what `charlm train CORPUS` would do) with
 ``--max-time`` set to the budget, then prints the best held-out figures, the step count and the
 throughput, as a line of text and as one JSON object. The budget bounds the training loop,
-validations included; tokenizer training and encoding come before it (their time is printed too),
-and one final validation runs after it.
+validations included; tokenizer training and encoding come before it, and one final validation
+runs after it (``prepare_s``: the wall time outside the budget). It runs through ``charlm.train``,
+the function ``charlm train`` calls.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import tempfile
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from charlm.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
-from charlm.training.loop import fit, prepare_run
+import charlm
+from charlm.runs import rundir
 
 
 def main() -> None:
@@ -37,14 +37,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    train = dataclasses.replace(TrainConfig(), max_time=args.budget, epochs=10_000)
-    config = RunConfig(TokenizerConfig(), ModelConfig(), train)
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or Path(tmp) / "run"
         start = time.monotonic()
-        run, train_ids, val_ids = prepare_run(args.corpus, config, out)
-        prepared = time.monotonic() - start
-        result = fit(run, train_ids, val_ids)
+        out = args.out or Path(tmp) / "run"
+        result = charlm.train(args.corpus, out=out, max_time=args.budget, epochs=10_000)
+        prepared = time.monotonic() - start - result.elapsed  # reading, tokenizer, encoding, last validation
+        config = rundir.load_run(result.run_dir).config
+    train = config.train
     assert result.best is not None
     report = {
         "corpus": [str(p) for p in args.corpus],
@@ -63,7 +62,7 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "config": {
-            "model": run.config.to_dict()["model"],
+            "model": config.to_dict()["model"],
             "optimizer": train.optimizer.value,
             "lr": train.effective_lr,
             "batch_size": train.batch_size,

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 
 from charlm.errors import CheckpointError
-from charlm.runs import checkpoint
+from charlm.runs import checkpoint, rundir
 
 
 def test_a_save_cut_between_its_renames_still_loads(trained_run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
     (run_dir / "best").rename(run_dir / ".best-old")  # the crash: old moved aside, new not in yet
-    run = checkpoint.load_run(run_dir)
+    run = rundir.load_run(run_dir)
     assert checkpoint.load_model(run, checkpoint.BEST) is not None
-    assert checkpoint.latest_run(tmp_path) == run_dir
+    assert rundir.latest_run(tmp_path) == run_dir
 
 
 def test_state_files_are_strict_json(trained_run: Path) -> None:
@@ -39,7 +39,7 @@ def test_runs_without_a_checkpoint_are_not_the_most_recent(trained_run: Path, tm
     fresh = tmp_path / "fresh"  # a run still before its first validation
     fresh.mkdir()
     shutil.copy(trained_run / "run.json", fresh / "run.json")
-    assert checkpoint.latest_run(tmp_path) == tmp_path / "done"
+    assert rundir.latest_run(tmp_path) == tmp_path / "done"
 
 
 @pytest.mark.parametrize("content", [b"", b"{", b'{"format": "1"}', b'{"format": 1}', b"[]"])
@@ -48,4 +48,4 @@ def test_damaged_run_file_is_a_checkpoint_error(trained_run: Path, tmp_path: Pat
     shutil.copytree(trained_run, run_dir)
     (run_dir / "run.json").write_bytes(content)
     with pytest.raises(CheckpointError):
-        checkpoint.load_run(run_dir)
+        rundir.load_run(run_dir)

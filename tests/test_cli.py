@@ -107,9 +107,9 @@ def test_sample_defaults_to_the_most_recent_run(in_tmp: Path, corpus: Path) -> N
 def test_sample_stdout_is_exactly_the_generated_text(trained_run: Path) -> None:
     from charlm.config import SampleConfig
     from charlm.generation.sampling import generate, make_generator
-    from charlm.runs import checkpoint
+    from charlm.runs import checkpoint, rundir
 
-    run = checkpoint.load_run(trained_run)
+    run = rundir.load_run(trained_run)
     model = checkpoint.load_model(run)
     config = SampleConfig(length=80, temperature=0.9, prime="The ", seed=5)
     expected = "The " + "".join(

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from charlm.config import Cell, ModelConfig, RunConfig, TokenizerConfig
 from charlm.model.network import RNNLM
 from charlm.model.scoring import dynamic_nats, evaluate, total_nats
-from charlm.runs import checkpoint
+from charlm.runs import rundir
 from charlm.training.loop import OVERFIT_PATIENCE
 from tests.conftest import TINY_MODEL, invoke
 
@@ -133,5 +133,5 @@ def test_train_accepts_the_regularisation_options(in_tmp: Path, corpus: Path) ->
     options = ["--dropout", "0.3", "--weight-drop", "0.2", "--weight-decay", "0.01"]
     result = invoke("train", corpus, "--out", "r", "--max-steps", "6", *options, *TINY_MODEL)
     assert result.exit_code == 0, result.output
-    config = checkpoint.load_run(in_tmp / "r").config
+    config = rundir.load_run(in_tmp / "r").config
     assert config.model.weight_drop == 0.2 and config.train.weight_decay == 0.01

@@ -9,7 +9,7 @@ import torch
 
 from charlm.config import ModelConfig, OptimizerKind, RunConfig, TokenizerConfig, TrainConfig
 from charlm.model.network import RNNLM, detach_hidden
-from charlm.runs import checkpoint
+from charlm.runs import checkpoint, rundir
 from charlm.training.loop import fit, prepare_run, train_step
 
 
@@ -31,7 +31,7 @@ def config(**train: object) -> RunConfig:
 def test_training_lowers_validation_loss(tmp_path: Path, corpus: Path) -> None:
     run, train_ids, val_ids = prepare_run([corpus], config(max_steps=60), tmp_path / "run")
     result = fit(run, train_ids, val_ids)
-    records = checkpoint.read_metrics(run.path)
+    records = rundir.read_metrics(run.path)
     assert result.steps == 60 and result.stop_reason == "max_steps"
     assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.3
     assert result.best is not None and result.best.loss == min(r["val_loss"] for r in records)
@@ -102,7 +102,7 @@ def test_plateau_anneals_the_learning_rate(
     cfg = config(max_steps=50, lr=5.0, decay=0.0, eval_every=10, anneal=0.5)
     run, train_ids, val_ids = prepare_run([corpus], cfg, tmp_path / "run")
     fit(run, train_ids, val_ids)
-    records = checkpoint.read_metrics(run.path)
+    records = rundir.read_metrics(run.path)
     assert [r["val_loss"] for r in records] == pytest.approx([3.0, 2.0, 2.5, 2.6, 1.9])
     # the lr logged at a validation carries the annealing of the validations before it
     assert [r["lr"] for r in records] == pytest.approx([5.0, 5.0, 5.0, 2.5, 1.25])

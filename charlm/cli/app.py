@@ -11,9 +11,8 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -29,22 +28,16 @@ from charlm.config import (
     ModelConfig,
     OptimizerKind,
     Precision,
-    RunConfig,
     SampleConfig,
     Softmax,
     TokenizerConfig,
     TokenizerKind,
     TrainConfig,
-    parse_duration,
-    parse_save_every,
 )
 from charlm.errors import CharlmError, CheckpointError, ConfigError
 
-if TYPE_CHECKING:  # imported by the commands that use them, so `charlm --help` stays instant
-    import torch
-
-    from charlm.cli.render import TrainProgress
-    from charlm.runs.checkpoint import Run, Snapshot
+if TYPE_CHECKING:  # imported by the commands that use it, so `charlm --help` stays instant
+    from charlm.api import Model
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -64,16 +57,6 @@ TOK, MODEL, TRAIN, SAMPLE = TokenizerConfig(), ModelConfig(), TrainConfig(), Sam
 
 def _per_optimizer(defaults: dict[OptimizerKind, float]) -> str:
     return ", ".join(f"{kind.value} {value:g}" for kind, value in defaults.items())
-
-
-class Prepared(NamedTuple):
-    """What one rank of ``charlm train`` needs to start training (rank 0 also shows progress)."""
-
-    run: Run
-    train_ids: torch.Tensor
-    val_ids: torch.Tensor
-    snapshot: Snapshot | None
-    progress: TrainProgress | None
 
 
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
@@ -102,7 +85,10 @@ def _guard(ctx: typer.Context, action: Callable[[], T]) -> T:
     except CharlmError as exc:
         if _debug(ctx):
             raise
-        _report(exc)
+        # An error every rank of a distributed run shares is said once, by rank 0.
+        shared = getattr(exc, "settled", False) and os.environ.get("RANK", "0") != "0"
+        if not (getattr(exc, "reported", False) or shared):
+            _report(exc)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("interrupted")
@@ -235,152 +221,18 @@ def train(
     """
 
     def action() -> int:
-        from charlm.cli.render import TrainProgress
-        from charlm.device import resolve_device
-        from charlm.runs import checkpoint
-        from charlm.runs.lock import RunLock
-        from charlm.training import distributed
-        from charlm.training.loop import fit, prepare_resume, prepare_run, resumed_config
-        from charlm.training.stopping import StopRequest
+        from charlm.cli.render import TrainProgress, train_summary
+        from charlm.training.distributed import from_env
+        from charlm.training.launch import train_run
 
-        def train_config() -> TrainConfig:
-            save_steps, save_seconds = parse_save_every(save_every)
-            return TrainConfig(
-                batch_size=batch_size,
-                bptt=bptt,
-                optimizer=optimizer,
-                lr=lr,
-                clip=clip,
-                epochs=epochs,
-                decay=decay,
-                weight_decay=weight_decay,
-                max_steps=max_steps,
-                max_time=parse_duration(max_time) if max_time else None,
-                val_fraction=val_fraction,
-                eval_every=eval_every,
-                save_steps=save_steps,
-                save_seconds=save_seconds,
-                seed=seed,
-                device=device,
-                precision=precision,
-            )
-
-        def new_config() -> RunConfig:
-            """The config of a new run (a resumed run keeps its own, see ``resumed_config``)."""
-            model = ModelConfig(
-                cell=cell,
-                layers=layers,
-                hidden=hidden,
-                embed=embed,
-                dropout=dropout,
-                weight_drop=weight_drop,
-                tie_weights=tie_weights,
-                softmax=softmax,
-                forget_bias=forget_bias,
-                residual=residual,
-            )
-            return RunConfig(TokenizerConfig(tokenizer, vocab_size), model, train_config())
-
-        def check_options() -> RunConfig | None:
-            """What every rank refuses before any work: the options, a new run's config (a resumed
-            run keeps its own), its batch split among the ranks, and a missing GPU."""
-            resolve_device(device)
-            train_config()
-            if resume:
-                return None
-            config = new_config()
-            distributed.share(config.train.batch_size, ranks)
-            return config
-
-        def prepare_main(held: ExitStack, config: RunConfig | None) -> Prepared:
-            """Rank 0 (or the only process) prepares and owns the run directory, under its lock."""
-            run_dir, starting = checkpoint.train_dir(out, corpus or (), resume)
-            if not run_dir.exists():  # a run that never started leaves nothing behind
-                held.callback(checkpoint.remove_if_empty, run_dir)
-            checkpoint.make_run_dir(run_dir)
-            lock = held.enter_context(RunLock(run_dir))
-            progress = held.enter_context(TrainProgress(stderr))
-            if lock.stale_holder:
-                progress.on_status(f"took over a stale lock ({lock.stale_holder} is gone)")
-            resuming = resume and (run_dir / checkpoint.RUN_FILE).is_file()  # decided under the lock
-            if resuming:
-                changes = _resume_changes(ctx, train_config())
-                config = resumed_config(checkpoint.load_run(run_dir).config, changes)  # before any work
-                distributed.share(config.train.batch_size, ranks)
-                run, train_ids, val_ids, snapshot = prepare_resume(
-                    run_dir, corpus or (), encoding, progress, changes
-                )
-            else:
-                if config is None:  # --resume, and no run yet
-                    config = new_config()
-                    distributed.share(config.train.batch_size, ranks)
-                if starting:
-                    progress.on_status(starting)
-                run, train_ids, val_ids = prepare_run(corpus or (), config, run_dir, encoding, progress)
-                snapshot = None
-            progress.chars_per_token = len(run.heldout_text()) / max(val_ids.numel(), 1)
-            return Prepared(run, train_ids, val_ids, snapshot, progress)
-
-        def prepare_peer(where: str, step: int | None) -> Prepared:
-            """Another rank: opens the run rank 0 prepared, and checks it sees the same checkpoint."""
-            run, train_ids, val_ids, snapshot = prepare_resume(
-                Path(where), corpus or (), encoding, write=False
-            )
-            if (snapshot.state["step"] if snapshot else None) != step:
-                raise CheckpointError(
-                    f"found another checkpoint than rank 0 in {where} (is the run directory on a "
-                    "filesystem every host sees?)"
-                )
-            return Prepared(run, train_ids, val_ids, snapshot, None)
-
-        ranks = distributed.from_env()  # set by torchrun; one process otherwise
-        distributed.start(ranks)  # first, so that every failure below is one all ranks agree on
-        try:
-            with ExitStack() as held, distributed.peers_lost(ranks):
-                config = distributed.settle(check_options, ranks)
-                # Rank 0 prepares while the others wait, then they open the run it prepared.
-                main_part = distributed.settle(
-                    lambda: prepare_main(held, config) if ranks.main else None, ranks
-                )
-                if ranks.main:
-                    run, train_ids, val_ids, snapshot, progress = main_part  # type: ignore[misc]
-                    step = snapshot.state["step"] if snapshot else None
-                    distributed.broadcast((str(run.path), step), ranks)  # the other ranks start now
-                    distributed.settle(lambda: None, ranks)  # while they open the run
-                else:
-                    where, step = distributed.broadcast(None, ranks)  # type: ignore[misc]
-                    run, train_ids, val_ids, snapshot, progress = distributed.settle(
-                        lambda: prepare_peer(where, step), ranks
-                    )
-                with StopRequest() as stop:
-                    result = fit(run, train_ids, val_ids, progress, stop, snapshot, ranks)
-                distributed.barrier(ranks)  # leave together: gloo aborts a rank whose peer has gone
-        except CharlmError as exc:
-            if not (ranks.distributed and getattr(exc, "settled", False)) or _debug(ctx):
-                raise
-            # Every rank has this error: rank 0 says it, and all leave only then, since torchrun
-            # stops the other ranks (unheard) as soon as one has ended.
-            if ranks.main:
-                _report(exc)
-            distributed.barrier(ranks)
-            raise typer.Exit(exc.exit_code) from None
-        finally:
-            distributed.stop()
+        with TrainProgress(stderr) as progress:
+            result = train_run(
+                corpus or (), out=out, resume=resume, encoding=encoding, callbacks=progress,
+                on_error=_report, **_given(ctx, exclude={"corpus", "out", "resume", "encoding"}),
+            )  # fmt: skip
         code = {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}.get(result.stop_reason, 0)
-        if not ranks.main:
-            return code
-        best = (
-            f"best val bpc {result.best.bpc:.4f} (ppl {result.best.perplexity:.3f})"
-            if result.best
-            else "no validation yet"
-        )
-        skipped = f"; {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""
-        stderr.print(
-            f"{result.stop_reason}: {result.steps} steps, {result.tokens:,} tokens in "
-            f"{result.elapsed:.0f}s; {best}{skipped}; run saved in {escape(str(result.run_dir))}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        if from_env().main:
+            stderr.print(escape(train_summary(result)), highlight=False, soft_wrap=True)
         return code
 
     try:
@@ -395,37 +247,21 @@ def train(
         raise typer.Exit(code)
 
 
-def _resume_changes(ctx: typer.Context, config: TrainConfig) -> dict[str, Any]:
-    """The options typed on this command line, by name, with the values they set (for --resume,
-    which compares them with the run's own: see :func:`charlm.training.loop.resumed_config`)."""
-    fixed = {"corpus", "out", "resume", "encoding"}
-    given = [
-        name
-        for name in ctx.params
-        if name not in fixed and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
-    ]
-    changes: dict[str, Any] = {}
-    for name in given:
-        if name == "save_every":
-            changes.update(save_steps=config.save_steps, save_seconds=config.save_seconds)
-        elif name in {f.name for f in dataclasses.fields(TrainConfig)}:
-            changes[name] = getattr(config, name)
-        else:
-            changes[name] = ctx.params[name]  # a model or tokenizer option
-    return changes
+def _given(ctx: typer.Context, exclude: set[str]) -> dict[str, Any]:
+    """The options typed on this command line, by name: the library's defaults are the CLI's, and
+    a resumed run compares only what was given with its own values."""
+    return {
+        name: value
+        for name, value in ctx.params.items()
+        if name not in exclude and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+    }
 
 
-def _open(run_path: Path | None, tag: CheckpointTag, device: str) -> tuple[Any, Any]:
-    """Load a run (default: the most recent) and its model on the device."""
-    from charlm.device import resolve_device
-    from charlm.runs import checkpoint
+def _load(run: Path | None, tag: CheckpointTag, device: str) -> Model:
+    """A run (default: the most recent) and its model on the device."""
+    from charlm.api import load
 
-    dev = resolve_device(device)
-    run = checkpoint.load_run(run_path or checkpoint.latest_run())
-    name = tag.value
-    if tag is CheckpointTag.best and checkpoint.checkpoint_dir(run.path, name) is None:
-        name = checkpoint.LATEST  # a run interrupted before its first validation
-    return run, checkpoint.load_model(run, name, dev)
+    return load(run, tag, device)
 
 
 @app.command()
@@ -462,14 +298,14 @@ def sample(
             num_samples=num_samples,
             seed=seed,
         )
-        loaded, model = _open(run, checkpoint, device)
+        model = _load(run, checkpoint, device)
         # All samples are drawn at once (a batch costs little more than one); the first streams
         # to stdout as it is generated, the others follow it.
         texts: list[list[str]] = [[config.prime] for _ in range(config.num_samples)]
         if config.num_samples > 1:
             stderr.rule(f"sample 1 of {config.num_samples}")
         _write(config.prime)
-        for i, piece in generate(model, loaded.tokenizer, config, make_generator(config.seed)):
+        for i, piece in generate(model.network, model.run.tokenizer, config, make_generator(config.seed)):
             if i == 0:
                 _write(piece)
             texts[i].append(piece)
@@ -539,29 +375,24 @@ def eval_(
     def action() -> None:
         from charlm.cli.render import TrainProgress, eval_table
         from charlm.data.prepare import read_corpus
-        from charlm.device import resolve_precision
-        from charlm.model.scoring import evaluate_dynamic, evaluate_text
 
-        loaded, model = _open(run, checkpoint, device)
-        text = read_corpus(data, encoding) if data else loaded.heldout_text()
-        dtype = resolve_precision(precision or loaded.config.train.precision, model.device)
-        result = evaluate_text(model, loaded.tokenizer, text, dtype).to_dict()
-        result["precision"] = "bf16" if dtype is not None else "fp32"
-        result["run"] = str(loaded.path)
+        model = _load(run, checkpoint, device)
+        text = read_corpus(data, encoding) if data else model.run.heldout_text()
+        result: dict[str, Any] = model.evaluate(text, precision).to_dict()
+        result["precision"] = model.precision(precision)
+        result["run"] = str(model.path)
         result["data"] = ", ".join(map(str, data)) if data else "held-out split"
         if dynamic:
-            if not (dynamic_lr > 0 and 0 <= dynamic_decay < 1):
-                raise ConfigError("--dynamic-lr must be positive and --dynamic-decay in [0, 1)")
             with TrainProgress(stderr) as bar:
-                adapted = evaluate_dynamic(
-                    model, loaded.tokenizer, text, dtype, dynamic_lr, dynamic_decay,
-                    lambda done, total: bar.on_progress("dynamic evaluation", done, total),
+                adapted = model.evaluate(
+                    text, precision, dynamic=True, dynamic_lr=dynamic_lr, dynamic_decay=dynamic_decay,
+                    progress=lambda done, total: bar.on_progress("dynamic evaluation", done, total),
                 )  # fmt: skip
             result["dynamic"] = {**adapted.to_dict(), "lr": dynamic_lr, "decay": dynamic_decay}
         if as_json:
             sys.stdout.write(json.dumps(result) + "\n")
         else:
-            Console().print(eval_table(f"{loaded.path} on {result['data']}", result))
+            Console().print(eval_table(f"{model.path} on {result['data']}", result))
 
     _guard(ctx, action)
 
@@ -633,9 +464,9 @@ def diagnose(
             model = model.to(resolve_device(device))
             name = f"fresh {cell.value} {layers}x{hidden}"
         else:
-            loaded, model = _open(run, checkpoint, device)
-            tokenizer = loaded.tokenizer
-            text = read_corpus(data, "utf-8") if data else loaded.heldout_text()
+            loaded = _load(run, checkpoint, device)
+            model, tokenizer = loaded.network, loaded.run.tokenizer
+            text = read_corpus(data, "utf-8") if data else loaded.run.heldout_text()
             name = str(loaded.path)
         ids = torch.from_numpy(tokenizer.encode_array(text))
         try:
@@ -703,10 +534,10 @@ def plot(
 
     def action() -> None:
         from charlm.diagnostics.plots import plot_training
-        from charlm.runs import checkpoint
+        from charlm.runs import rundir
 
-        loaded = checkpoint.load_run(run or checkpoint.latest_run())
-        records = checkpoint.read_metrics(loaded.path)
+        loaded = rundir.load_run(run or rundir.latest_run())
+        records = rundir.read_metrics(loaded.path)
         if not records:
             raise CheckpointError(f"{loaded.path} has no validation yet: nothing to plot")
         path = plot_training(records, out or loaded.path / "training.png", str(loaded.path))

@@ -1,5 +1,5 @@
 """Rich rendering of training progress and results, on stderr (stdout is for sampled text and
-JSON). Implements :class:`charlm.training.loop.Callbacks`."""
+JSON). Implements :class:`charlm.training.report.Callbacks`."""
 
 from __future__ import annotations
 
@@ -22,9 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from charlm.training.loop import StepReport
-
-LN2 = math.log(2)
+    from charlm.training.report import StepReport, TrainResult
 
 
 class _TwoLineProgress(Progress):
@@ -44,12 +42,10 @@ class TrainProgress:
 
     Args:
         console: where to draw (a stderr console in the CLI).
-        chars_per_token: to turn a training loss per token into bits per character.
     """
 
-    def __init__(self, console: Console, chars_per_token: float = 1.0) -> None:
+    def __init__(self, console: Console) -> None:
         self.console = console
-        self.chars_per_token = chars_per_token
         self._progress = _TwoLineProgress(
             TextColumn("[bold]epoch {task.fields[epoch]}[/] step {task.fields[step]:,}"),
             BarColumn(bar_width=None),
@@ -95,7 +91,7 @@ class TrainProgress:
             self._data, self._data_tasks = None, {}
 
     def on_step(self, report: StepReport) -> None:
-        """Update the bar from a :class:`charlm.training.loop.StepReport`."""
+        """Update the bar from a :class:`charlm.training.report.StepReport`."""
         self._progress.start()  # a no-op once started
         self._progress.start_task(self._task)
         self._progress.update(
@@ -103,7 +99,7 @@ class TrainProgress:
         )
         self._progress.figures = Text(
             f"loss {report.loss:.3f}  ppl {math.exp(min(report.loss, 700)):.2f}  "
-            f"bpc {report.loss / LN2 / self.chars_per_token:.3f}  lr {report.lr:.3g}  "
+            f"bpc {report.bpc:.3f}  lr {report.lr:.3g}  "
             f"|grad| {report.grad_norm:.2f} clip {report.clipped:.0%}  {report.tokens_per_sec:,.0f} tok/s",
             style="cyan",
         )
@@ -176,3 +172,17 @@ def recall_table(accuracy: dict[str, dict[int, float]], largest: dict[str, int |
         cells = [f"{points[d]:.2f}" if d in points else "-" for d in distances]
         table.add_row(cell, *cells, str(largest[cell]) if largest[cell] is not None else "none")
     return table
+
+
+def train_summary(result: TrainResult) -> str:
+    """The last line of ``charlm train``: how the run ended and where it is."""
+    best = (
+        f"best val bpc {result.best.bpc:.4f} (ppl {result.best.perplexity:.3f})"
+        if result.best
+        else "no validation yet"
+    )
+    skipped = f"; {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""
+    return (
+        f"{result.stop_reason}: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed:.0f}s; "
+        f"{best}{skipped}; run saved in {result.run_dir}"
+    )

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from charlm.errors import CorpusError
+from charlm.files import atomic_write, os_errors
 
 FORMAT = 1  # bump when the layout or the meaning of an entry changes
 META_FILE = "meta.json"
@@ -46,17 +47,16 @@ def key(*parts: object) -> str:
     return hashlib.sha256(repr((FORMAT, *parts)).encode()).hexdigest()[:32]
 
 
+_WRITABLE = "(set CHARLM_CACHE_DIR to a writable directory)"
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path``.lock (blocking) while building ``path``."""
-    try:
+    where = f"cannot write the token cache in {path.parent}"
+    with os_errors(CorpusError, where, _WRITABLE):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise CorpusError(
-            f"cannot write the token cache in {path.parent}: {exc.strerror or exc} "
-            "(set CHARLM_CACHE_DIR to a writable directory)"
-        ) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -78,12 +78,8 @@ def cached_bytes(name: str, build: Callable[[], bytes], valid: Callable[[bytes],
         if path.is_file() and valid(data := path.read_bytes()):  # built while this one waited
             return data
         data = build()
-        temporary = path.with_name(f"{path.name}.tmp-{_unique()}")
-        with temporary.open("wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        with os_errors(CorpusError, f"cannot write the token cache in {path.parent}", _WRITABLE):
+            atomic_write(path, data, tag=_unique())
     return data
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from charlm.errors import CorpusError
+from charlm.files import reason
 
 CHUNK_BYTES = 1 << 23  # read 8 MiB at a time
 SNIFF_BYTES = 1 << 13  # a file in a directory with a NUL byte in its first 8 KiB is not a text file
@@ -204,8 +205,7 @@ def _file_chunks(path: Path, encoding: str, chunk_bytes: int) -> Iterator[tuple[
         if compressed and not (isinstance(exc, OSError) and exc.errno):  # the data, not the disk
             kind = {".gz": "gzip", ".bz2": "bzip2"}.get(path.suffix.lower(), "xz")
             raise CorpusError(f"{path} is not intact {kind} data (damaged or cut short): {exc}") from exc
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise CorpusError(f"cannot read corpus {path}: {reason}") from exc
+        raise CorpusError(f"cannot read corpus {path}: {reason(exc)}") from exc
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from charlm.errors import PlotError
+from charlm.files import os_errors
 
 
 def _pyplot() -> Any:
@@ -23,9 +24,8 @@ def _pyplot() -> Any:
 
 def _save(figure: Any, path: Path) -> Path:
     try:
-        figure.savefig(path, dpi=120, bbox_inches="tight")
-    except OSError as exc:
-        raise PlotError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        with os_errors(PlotError, f"cannot write {path}"):
+            figure.savefig(path, dpi=120, bbox_inches="tight")
     finally:
         figure.clear()
     return path

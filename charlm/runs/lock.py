@@ -15,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 
 from charlm.errors import CheckpointError
+from charlm.files import os_errors, reason
 
 LOCK_FILE = ".lock"
 
@@ -37,16 +38,14 @@ class RunLock:
             CheckpointError: another live process holds it, or the file cannot be created.
         """
         while True:
-            try:
+            with os_errors(CheckpointError, f"cannot create {self.path}"):
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise CheckpointError(f"cannot create {self.path}: {exc.strerror or exc}") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if not isinstance(exc, BlockingIOError):
                     os.close(fd)
-                    raise CheckpointError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
+                    raise CheckpointError(f"cannot lock {self.path}: {reason(exc)}") from exc
                 holder = _holder(fd)
                 os.close(fd)
                 raise CheckpointError(
@@ -66,7 +65,7 @@ class RunLock:
             os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         except OSError as exc:
             os.close(fd)
-            raise CheckpointError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+            raise CheckpointError(f"cannot write {self.path}: {reason(exc)}") from exc
         self._fd = fd
         return self
 

@@ -17,19 +17,24 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopRequest:
-    """Set by a signal handler, read by the training loop (a context manager installs it)."""
+    """Set by a signal handler (a context manager installs it) or through ``event`` (a library
+    caller's, set from a callback or another thread); read by the training loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, event: threading.Event | None = None) -> None:
         self.signum: int | None = None
+        self.event = event
         self._previous: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
-        return self.signum is not None
+        return self.signum is not None or (self.event is not None and self.event.is_set())
 
     @property
     def reason(self) -> str:
-        """How a run stopped by this request ends: "interrupted" (SIGINT) or "terminated"."""
+        """How a run stopped by this request ends: "interrupted" (SIGINT), "terminated" (SIGTERM)
+        or "stopped" (the caller's event)."""
+        if self.signum is None:
+            return "stopped"
         return "terminated" if self.signum == signal.SIGTERM else "interrupted"
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:

@@ -1,0 +1,184 @@
+"""The public Python API: :func:`train` a run, :func:`load` it as a :class:`Model`, then sample,
+stream, score and inspect it. The command line is a face on these same functions, so a figure or a
+sample from Python is the one ``charlm`` prints for the same options and seed.
+
+    import charlm
+    result = charlm.train(["corpus.txt"], out="checkpoints/x", hidden=256, max_time="10m")
+    model = charlm.load("checkpoints/x")
+    model.sample(prime="The ", length=200, temperature=0.8, seed=1)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from charlm.config import DYNAMIC_DECAY, DYNAMIC_LR, CheckpointTag, Precision, SampleConfig
+from charlm.device import resolve_device, resolve_precision
+from charlm.generation.sampling import generate, make_generator
+from charlm.model.network import RNNLM
+from charlm.model.scoring import EvalResult, evaluate_dynamic, evaluate_text
+from charlm.runs import checkpoint as ckpt
+from charlm.runs import rundir
+from charlm.runs.rundir import Run
+from charlm.training.launch import train_run
+
+_SAMPLE = SampleConfig()
+
+train = train_run  # charlm.train(corpus, out=..., resume=..., callbacks=..., stop=..., **options)
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    checkpoint: CheckpointTag | str = CheckpointTag.best,
+    device: str = "auto",
+) -> Model:
+    """Open a trained run for use.
+
+    Args:
+        path: the run directory; default, the run under ``checkpoints/`` trained last.
+        checkpoint: "best" (lowest held-out loss; a run stopped before its first validation has
+            only "latest", which is then used) or "latest".
+        device: "auto" (CUDA when present), "cpu" or "cuda".
+
+    Raises:
+        CheckpointError: no such run, or it is damaged (the message names the file).
+        DeviceError: "cuda" asked for and none present.
+    """
+    return Model.open(path, checkpoint, device)
+
+
+class Model:
+    """A trained run's model, with its tokenizer: text in, text or figures out.
+
+    Build one with :func:`load`. ``network`` is the torch module, ``run`` the run directory's
+    config and tokenizer.
+    """
+
+    def __init__(self, run: Run, network: RNNLM, tag: str) -> None:
+        self.run, self.network, self.checkpoint = run, network, tag
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str] | None, tag: CheckpointTag | str, device: str) -> Model:
+        """See :func:`load`."""
+        name = CheckpointTag(tag).value
+        dev = resolve_device(device)
+        run = rundir.load_run(Path(path) if path is not None else rundir.latest_run())
+        if name == ckpt.BEST and ckpt.checkpoint_dir(run.path, name) is None:
+            name = ckpt.LATEST  # a run interrupted before its first validation
+        return cls(run, ckpt.load_model(run, name, dev), name)
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
+
+    def __repr__(self) -> str:
+        return f"<charlm.Model {self.path} ({self.checkpoint}) on {self.device.type}>"
+
+    def stream(
+        self,
+        prime: str = "",
+        length: int = _SAMPLE.length,
+        temperature: float = _SAMPLE.temperature,
+        top_k: int = _SAMPLE.top_k,
+        top_p: float = _SAMPLE.top_p,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """The continuation of ``prime`` (not included), in pieces as each becomes certain: the
+        text :meth:`sample` returns and ``charlm sample`` prints after the prime for this seed.
+
+        ``length`` counts tokens (characters for a char tokenizer); ``temperature`` 0 picks the
+        most likely token; ``top_k`` 0 and ``top_p`` 1 switch those filters off.
+
+        Raises:
+            ConfigError: a value out of range.
+        """
+        config = SampleConfig(length, temperature, top_k, top_p, prime, 1, seed)
+        for _, piece in generate(self.network, self.run.tokenizer, config, make_generator(seed)):
+            yield piece
+
+    def sample(
+        self,
+        prime: str = "",
+        length: int = _SAMPLE.length,
+        temperature: float = _SAMPLE.temperature,
+        top_k: int = _SAMPLE.top_k,
+        top_p: float = _SAMPLE.top_p,
+        seed: int | None = None,
+    ) -> str:
+        """The continuation of ``prime`` (not included), as one string (see :meth:`stream`)."""
+        return "".join(self.stream(prime, length, temperature, top_k, top_p, seed))
+
+    def evaluate(
+        self,
+        text: str,
+        precision: Precision | str | None = None,
+        dynamic: bool = False,
+        dynamic_lr: float = DYNAMIC_LR,
+        dynamic_decay: float = DYNAMIC_DECAY,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> EvalResult:
+        """Score ``text``: ``.loss`` (nats per token), ``.perplexity`` (per token), ``.bpc`` (bits
+        per character), ``.tokens``, ``.characters``; the figure ``charlm eval`` prints for it.
+
+        Args:
+            precision: "auto", "fp32" or "bf16"; default, the run's own (as its training scored).
+            dynamic: score with dynamic evaluation instead (Krause et al. 2018): the model learns
+                from each window right after scoring it, on a copy (the run is not changed).
+            progress: called with (tokens done, tokens) during dynamic evaluation.
+
+        Raises:
+            ConfigError: an empty text, or dynamic settings out of range.
+        """
+        from charlm.errors import ConfigError
+
+        if not text:
+            raise ConfigError("nothing to score: the text is empty")
+        dtype = self._autocast(precision)
+        if not dynamic:
+            return evaluate_text(self.network, self.run.tokenizer, text, dtype)
+        if not (dynamic_lr > 0 and 0 <= dynamic_decay < 1):
+            raise ConfigError("--dynamic-lr must be positive and --dynamic-decay in [0, 1)")
+        return evaluate_dynamic(
+            self.network, self.run.tokenizer, text, dtype, dynamic_lr, dynamic_decay, progress
+        )
+
+    def precision(self, precision: Precision | str | None = None) -> str:
+        """The arithmetic :meth:`evaluate` uses for ``precision``: "bf16" or "fp32"."""
+        return "bf16" if self._autocast(precision) is not None else "fp32"
+
+    def _autocast(self, precision: Precision | str | None) -> torch.dtype | None:
+        chosen = Precision(precision) if precision is not None else self.run.config.train.precision
+        return resolve_precision(chosen, self.device)
+
+    @torch.no_grad()
+    def next_token_probs(self, text: str, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` likeliest next tokens after ``text`` (read from a start-of-text context, as
+        sampling reads a prime), as (piece, probability), most likely first. A piece is the text
+        the token stands for; a byte-fallback token (part of a character) shows as ``<0xE2>``.
+        """
+        tokenizer = self.run.tokenizer
+        context = [tokenizer.newline_id, *tokenizer.encode(text)]
+        self.network.eval()
+        logits, _ = self.network(torch.tensor(context, device=self.device).view(-1, 1))  # (T, 1, V)
+        last = logits[-1, 0].float()  # (V,)
+        last[tokenizer.unk_id] = -math.inf  # no text encodes to it (byte fallback)
+        probs = torch.softmax(last, dim=-1)
+        top = torch.topk(probs, min(k, probs.numel()))
+        return [
+            (self._piece_text(i), p) for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        ]
+
+    def _piece_text(self, token_id: int) -> str:
+        tokenizer = self.run.tokenizer
+        if tokenizer.byte_value(token_id) is not None:
+            return tokenizer.piece(token_id)
+        return tokenizer.decode([token_id])
