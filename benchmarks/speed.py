@@ -17,7 +17,8 @@ symbols (charlm's char tokenizer adds 256 byte-fallback pieces: 324 outputs, on 
 - sampling: the reference calls ``nn.LSTM`` once per token and samples from the softmax (what most
   tools do); charlm is :func:`charlm.generation.sampling.generate`, the whole path of ``charlm sample``
   (prime, set-up, picking, streaming decoding), for one sample of 1000 tokens and for 32 samples
-  of 200 drawn at once (``--num-samples 32``);
+  of 200 drawn at once (``--num-samples 32``), and both again with every sampling control on
+  (stop string, banned strings, min-p, repetition, presence and frequency penalties);
 - start-up: the median wall time of ``charlm --help`` in a new process (five runs).
 
 Prints a table of absolute figures and ratios, then one JSON object.
@@ -96,6 +97,14 @@ def help_seconds(repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+# Every sampling control of `charlm sample` on at once (issue 14): the stop string is one a model
+# of random weights will not write in 1000 tokens, so every sample runs its full length.
+CONTROLS = {
+    "stop": ("ZZZZZZZZZZZZ",), "ban": ("qx", "the end"), "min_p": 0.05, "repetition_penalty": 1.2,
+    "presence_penalty": 0.3, "frequency_penalty": 0.2, "penalty_window": 64,
+}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,9 +176,9 @@ def main() -> None:
 
     model.eval()
 
-    def our_sample(streams: int, length: int) -> Callable[[], int]:
+    def our_sample(streams: int, length: int, **controls: object) -> Callable[[], int]:
         def work() -> int:  # the whole `charlm sample` path: prime, set-up, picking, decoding
-            config = SampleConfig(length=length, temperature=0.8, num_samples=streams)
+            config = SampleConfig(length=length, temperature=0.8, num_samples=streams, **controls)  # type: ignore[arg-type]
             for _ in generate(model, tokenizer, config, make_generator(0)):
                 pass  # the pieces stream out as they are generated
             return length * streams
@@ -188,12 +197,18 @@ def main() -> None:
     figures["sample1_charlm"] = rate(our_sample(1, 1000), S, device)
     figures["sample32_reference"] = rate(ref_sample(32), S, device)
     figures["sample32_charlm"] = rate(our_sample(32, 200), S, device)
+    figures["sample1_charlm_controls"] = rate(our_sample(1, 1000, **CONTROLS), S, device)
+    figures["sample32_charlm_controls"] = rate(our_sample(32, 200, **CONTROLS), S, device)
     startup = help_seconds()
     ratios = {
         "train (charlm / reference)": figures["train_charlm"] / figures["train_reference"],
         "eval (charlm eval / charlm train)": figures["eval_charlm"] / figures["train_charlm"],
         "sample, 1 stream (charlm / reference)": figures["sample1_charlm"] / figures["sample1_reference"],
         "sample, 32 streams (charlm / reference)": figures["sample32_charlm"] / figures["sample32_reference"],
+        "sample, 1 stream, all controls on / off": figures["sample1_charlm_controls"]
+        / figures["sample1_charlm"],
+        "sample, 32 streams, all controls on / off": figures["sample32_charlm_controls"]
+        / figures["sample32_charlm"],
     }
     threads = f"{torch.get_num_threads()} threads"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else threads

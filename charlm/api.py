@@ -14,12 +14,14 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from charlm.config import DYNAMIC_DECAY, DYNAMIC_LR, CheckpointTag, Precision, SampleConfig
 from charlm.device import resolve_device, resolve_precision
-from charlm.generation.sampling import generate, make_generator
+from charlm.generation.sampling import Context, generate, make_generator, read
+from charlm.generation.state import load_state, save_state
 from charlm.model.network import RNNLM
 from charlm.model.scoring import EvalResult, evaluate_dynamic, evaluate_text
 from charlm.runs import checkpoint as ckpt
@@ -59,8 +61,9 @@ class Model:
     config and tokenizer.
     """
 
-    def __init__(self, run: Run, network: RNNLM, tag: str) -> None:
+    def __init__(self, run: Run, network: RNNLM, tag: str, weights_sha256: str = "") -> None:
         self.run, self.network, self.checkpoint = run, network, tag
+        self.weights_sha256 = weights_sha256
 
     @classmethod
     def open(cls, path: str | os.PathLike[str] | None, tag: CheckpointTag | str, device: str) -> Model:
@@ -70,7 +73,7 @@ class Model:
         run = rundir.load_run(Path(path) if path is not None else rundir.latest_run())
         if name == ckpt.BEST and ckpt.checkpoint_dir(run.path, name) is None:
             name = ckpt.LATEST  # a run interrupted before its first validation
-        return cls(run, ckpt.load_model(run, name, dev), name)
+        return cls(run, ckpt.load_model(run, name, dev), name, ckpt.weights_sha256(run.path, name))
 
     @property
     def path(self) -> Path:
@@ -83,6 +86,24 @@ class Model:
     def __repr__(self) -> str:
         return f"<charlm.Model {self.path} ({self.checkpoint}) on {self.device.type}>"
 
+    @property
+    def identity(self) -> dict[str, str]:
+        """What a state file is tied to: this checkpoint's weights (by checksum), run and tag."""
+        return {"weights_sha256": self.weights_sha256, "run": str(self.path), "checkpoint": self.checkpoint}
+
+    def read(self, text: str, state: Context | None = None) -> Context:
+        """Read ``text`` (any length: windows of tokens at a time), from a start-of-text context or
+        on from ``state``: the state to start samples from (:meth:`stream`'s ``state``)."""
+        return read(self.network, self.run.tokenizer, text, state)
+
+    def save_state(self, state: Context, path: str | os.PathLike[str]) -> None:
+        """Save ``state`` (from :meth:`read`) as a state file tied to this model."""
+        save_state(Path(path), state, self.identity)
+
+    def load_state(self, path: str | os.PathLike[str]) -> Context:
+        """A state file saved by :meth:`save_state` of this model (another model's is refused)."""
+        return load_state(Path(path), self.identity, self.device)
+
     def stream(
         self,
         prime: str = "",
@@ -91,18 +112,24 @@ class Model:
         top_k: int = _SAMPLE.top_k,
         top_p: float = _SAMPLE.top_p,
         seed: int | None = None,
+        state: Context | None = None,
+        **controls: Any,
     ) -> Iterator[str]:
         """The continuation of ``prime`` (not included), in pieces as each becomes certain: the
         text :meth:`sample` returns and ``charlm sample`` prints after the prime for this seed.
 
         ``length`` counts tokens (characters for a char tokenizer); ``temperature`` 0 picks the
-        most likely token; ``top_k`` 0 and ``top_p`` 1 switch those filters off.
+        most likely token; ``top_k`` 0 and ``top_p`` 1 switch those filters off. ``state`` starts
+        from a saved state (the prime, if any, is read on from it). ``controls`` are the other
+        options of ``charlm sample``: ``stop`` and ``ban`` (lists of strings), ``include_stop``,
+        ``min_p``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``,
+        ``penalty_window`` (see :class:`charlm.config.SampleConfig`).
 
         Raises:
-            ConfigError: a value out of range.
+            ConfigError: a value out of range. TypeError: an unknown control.
         """
-        config = SampleConfig(length, temperature, top_k, top_p, prime, 1, seed)
-        for _, piece in generate(self.network, self.run.tokenizer, config, make_generator(seed)):
+        config = SampleConfig(length, temperature, top_k, top_p, prime, 1, seed, **controls)
+        for _, piece in generate(self.network, self.run.tokenizer, config, make_generator(seed), state):
             yield piece
 
     def sample(
@@ -113,9 +140,11 @@ class Model:
         top_k: int = _SAMPLE.top_k,
         top_p: float = _SAMPLE.top_p,
         seed: int | None = None,
+        state: Context | None = None,
+        **controls: Any,
     ) -> str:
         """The continuation of ``prime`` (not included), as one string (see :meth:`stream`)."""
-        return "".join(self.stream(prime, length, temperature, top_k, top_p, seed))
+        return "".join(self.stream(prime, length, temperature, top_k, top_p, seed, state, **controls))
 
     def evaluate(
         self,

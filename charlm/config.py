@@ -290,6 +290,14 @@ class SampleConfig:
     prime: str = ""
     num_samples: int = 1
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # a sample ends when its text ends with one of these
+    include_stop: bool = False  # ... and shows it
+    min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (0: off)
+    repetition_penalty: float = 1.0  # divide seen tokens' positive logits by it (1: off)
+    presence_penalty: float = 0.0  # subtract from seen tokens' logits (0: off)
+    frequency_penalty: float = 0.0  # subtract per occurrence (0: off)
+    penalty_window: int = 64  # tokens the penalties look back on, the prime's included
+    ban: tuple[str, ...] = ()  # text that is never produced
 
     def __post_init__(self) -> None:
         if self.length < 0:
@@ -301,3 +309,9 @@ class SampleConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
         _positive("--num-samples", self.num_samples)
+        if not 0 <= self.min_p < 1:
+            raise ConfigError(f"--min-p must be in [0, 1), got {self.min_p}")
+        _positive("--repetition-penalty", self.repetition_penalty)
+        _positive("--penalty-window", self.penalty_window)
+        object.__setattr__(self, "stop", tuple(self.stop))  # lists, as a caller may pass, hash as tuples
+        object.__setattr__(self, "ban", tuple(self.ban))

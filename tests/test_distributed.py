@@ -160,6 +160,16 @@ distributed.stop()
 """
 
 
+def test_a_usage_error_under_torchrun_is_said_once(single: tuple[Path, Path], tmp_path: Path) -> None:
+    """A mistake the option parser catches: rank 0 shows the usage message, rank 1 stays quiet,
+    both end with exit code 2."""
+    corpus, _ = single
+    result, (rank0, rank1) = launch(tmp_path, "-m", "charlm", "train", corpus, "--cell", "lsmt")
+    assert "Invalid value for '--cell'" in rank0 and rank1 == "", (rank0, rank1)
+    assert re.findall(r"exitcode\s+: (-?\d+)", result.stderr) == ["2", "2"]
+    assert "Traceback" not in rank0 + rank1
+
+
 def test_settle_raises_the_failure_of_any_rank_on_every_rank(tmp_path: Path) -> None:
     script = tmp_path / "settle.py"
     script.write_text(SETTLE)

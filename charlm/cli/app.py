@@ -68,6 +68,15 @@ RunArg = Annotated[
 ]
 Tag = Annotated[CheckpointTag, typer.Option(help="Which checkpoint of the run.")]
 Encoding = Annotated[str, typer.Option(help="Text encoding of the input text.")]
+Data = Annotated[
+    list[Path] | None,
+    typer.Option(
+        help="Use this text instead of the run's held-out split: a file, a directory or a quoted glob "
+        "pattern, compressed or not (repeat for several, read as one text).",
+        show_default=False,
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
 
 
 @app.callback()
@@ -275,50 +284,142 @@ def sample(
     top_p: Annotated[
         float, typer.Option(help="Sample from the smallest set with this probability (1: all).")
     ] = SAMPLE.top_p,
+    min_p: Annotated[
+        float, typer.Option(help="Drop tokens less likely than this times the likeliest (0: off).")
+    ] = SAMPLE.min_p,
     prime: Annotated[str, typer.Option(help="Text to start from; printed first.")] = SAMPLE.prime,
-    length: Annotated[int, typer.Option(help="Tokens to generate per sample.")] = SAMPLE.length,
+    prime_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Read this file first (any length; not printed), then --prime.", show_default=False
+        ),
+    ] = None,
+    length: Annotated[int, typer.Option(help="Tokens to generate per sample (0: none).")] = SAMPLE.length,
     num_samples: Annotated[int, typer.Option(help="How many samples.")] = SAMPLE.num_samples,
     seed: Annotated[
         int | None, typer.Option(help="Random seed; the same seed gives the same text.", show_default=False)
     ] = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="End a sample when its text ends with this (repeatable); not printed.", show_default=False
+        ),
+    ] = None,
+    include_stop: Annotated[bool, typer.Option(help="Print the stop string that ended a sample.")] = False,
+    ban: Annotated[
+        list[str] | None, typer.Option(help="Text that is never produced (repeatable).", show_default=False)
+    ] = None,
+    repetition_penalty: Annotated[
+        float, typer.Option(help="Divide recent tokens' positive scores by this (1: off).")
+    ] = SAMPLE.repetition_penalty,
+    presence_penalty: Annotated[
+        float, typer.Option(help="Subtract this from the scores of recent tokens (0: off).")
+    ] = SAMPLE.presence_penalty,
+    frequency_penalty: Annotated[
+        float, typer.Option(help="Subtract this per occurrence among recent tokens (0: off).")
+    ] = SAMPLE.frequency_penalty,
+    penalty_window: Annotated[
+        int, typer.Option(help="Recent tokens the penalties count, the prime's included.")
+    ] = SAMPLE.penalty_window,
+    state: Annotated[
+        Path | None, typer.Option(help="Start from this state file (see --save-state).", show_default=False)
+    ] = None,
+    save_state: Annotated[
+        Path | None,
+        typer.Option(
+            help="Save the state after reading the prime here (with --length 0: only that).",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the samples to this JSON Lines file, one object per sample, with a "
+            "progress bar (instead of stdout).",
+            show_default=False,
+        ),
+    ] = None,
     checkpoint: Tag = CheckpointTag.best,
     device: Device = "auto",
+    encoding: Encoding = "utf-8",
 ) -> None:
     """Generate text from a trained run; the text streams to stdout."""
 
     def action() -> None:
-        from charlm.generation.sampling import generate, make_generator
+        from charlm.data.prepare import read_corpus
 
         config = SampleConfig(
-            length=length,
-            temperature=temp,
-            top_k=top_k,
-            top_p=top_p,
-            prime=prime,
-            num_samples=num_samples,
-            seed=seed,
-        )
+            length, temp, top_k, top_p, prime, num_samples, seed, tuple(stop or ()), include_stop, min_p,
+            repetition_penalty, presence_penalty, frequency_penalty, penalty_window, tuple(ban or ()),
+        )  # fmt: skip
         model = _load(run, checkpoint, device)
-        # All samples are drawn at once (a batch costs little more than one); the first streams
-        # to stdout as it is generated, the others follow it.
-        texts: list[list[str]] = [[config.prime] for _ in range(config.num_samples)]
-        if config.num_samples > 1:
-            stderr.rule(f"sample 1 of {config.num_samples}")
-        _write(config.prime)
-        for i, piece in generate(model.network, model.run.tokenizer, config, make_generator(config.seed)):
-            if i == 0:
-                _write(piece)
-            texts[i].append(piece)
-        for i, parts in enumerate(texts):
-            if i > 0:
-                stderr.rule(f"sample {i + 1} of {config.num_samples}")
-                _write("".join(parts))
-            _write("" if parts[-1].endswith("\n") else "\n")
+        start = model.load_state(state) if state is not None else None
+        if prime_file is not None:
+            start = model.read(read_corpus([prime_file], encoding), start)
+        start = model.read(prime, start) if prime or start is None else start
+        if save_state is not None:
+            model.save_state(start, save_state)
+        if length == 0:
+            return
+        if output is not None:
+            _sample_to_file(model, config, start, output)
+            return
+        _sample_to_stdout(model, config, start)
 
     try:
         _guard(ctx, action)
     except BrokenPipeError:  # `charlm sample | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _sample_to_stdout(model: Model, config: SampleConfig, start: Any) -> None:
+    """All samples are drawn at once (a batch costs little more than one); the first streams to
+    stdout as it is generated, the others follow it."""
+    from charlm.generation.sampling import generate, make_generator
+
+    n = config.num_samples
+    texts: list[list[str]] = [[config.prime] for _ in range(n)]
+    if n > 1:
+        stderr.rule(f"sample 1 of {n}")
+    _write(config.prime)
+    rows = dataclasses.replace(config, prime="")
+    for i, piece in generate(model.network, model.run.tokenizer, rows, make_generator(config.seed), start):
+        if i == 0:
+            _write(piece)
+        texts[i].append(piece)
+    for i, parts in enumerate(texts):
+        if i > 0:
+            stderr.rule(f"sample {i + 1} of {n}")
+            _write("".join(parts))
+        _write("" if parts[-1].endswith("\n") else "\n")
+
+
+def _sample_to_file(model: Model, config: SampleConfig, start: Any, output: Path) -> None:
+    """``--output FILE.jsonl``: one JSON object per sample, written as each batch ends."""
+    import secrets
+
+    from charlm.cli.render import TrainProgress
+    from charlm.files import os_errors
+    from charlm.generation.sampling import make_generator, sample_all
+
+    seed = config.seed if config.seed is not None else secrets.randbits(32)  # recorded: reproducible
+    parameters = {
+        **{k: v for k, v in dataclasses.asdict(config).items() if k not in ("seed", "num_samples")},
+        "run": str(model.path), "checkpoint": model.checkpoint,
+    }  # fmt: skip
+    with (
+        os_errors(CharlmError, f"cannot write {output}"),
+        open(output, "w", encoding="utf-8") as file,
+        TrainProgress(stderr) as bar,
+    ):
+        bar.on_progress("sampling", 0, config.num_samples)
+        generator = make_generator(seed)
+        for s in sample_all(model.network, model.run.tokenizer, config, generator, start):
+            record = {"sample": s.index, "text": s.text, "tokens": s.tokens, "stopped": s.stopped,
+                      "seed": seed, "parameters": parameters}  # fmt: skip
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            bar.on_progress("sampling", s.index + 1, config.num_samples)
+    stderr.print(f"wrote {config.num_samples} samples to {escape(str(output))}", highlight=False)
 
 
 def _write(text: str) -> None:
@@ -331,21 +432,12 @@ def _write(text: str) -> None:
 def eval_(
     ctx: typer.Context,
     run: RunArg = None,
-    data: Annotated[
-        list[Path] | None,
-        typer.Option(
-            help="Score this text instead of the run's held-out split: a file, a directory or a quoted "
-            "glob pattern, compressed or not (repeat for several, read as one text).",
-            show_default=False,
-        ),
-    ] = None,
+    data: Data = None,
     perplexity: Annotated[
         bool,
         typer.Option("--perplexity", help="Report perplexity and bits per character (the default report)."),
     ] = True,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")
-    ] = False,
+    as_json: AsJson = False,
     checkpoint: Tag = CheckpointTag.best,
     encoding: Encoding = "utf-8",
     device: Device = "auto",
@@ -404,13 +496,7 @@ def diagnose(
     depth: Annotated[int, typer.Option(help="K: measure the gradient k = 0..K steps back.")] = 200,
     batches: Annotated[int, typer.Option(help="Batches of positions to average over.")] = 4,
     batch_size: Annotated[int, typer.Option(help="Positions per batch.")] = 16,
-    data: Annotated[
-        list[Path] | None,
-        typer.Option(
-            help="Measure on this text (default: the run's held-out split): as eval --data.",
-            show_default=False,
-        ),
-    ] = None,
+    data: Data = None,
     cell: Annotated[
         Cell | None,
         typer.Option(
@@ -431,7 +517,7 @@ def diagnose(
     distances: Annotated[str, typer.Option(help="--task: distances to try.")] = "5,10,20,40,80,160",
     task_steps: Annotated[int, typer.Option(help="--task: training steps per cell and distance.")] = 1000,
     plot: Annotated[Path | None, typer.Option(help="Also write a PNG plot here.", show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    as_json: AsJson = False,
     checkpoint: Tag = CheckpointTag.best,
     device: Device = "auto",
     seed: Annotated[int, typer.Option(help="Random seed (fresh models, the task).")] = 0,
@@ -547,5 +633,18 @@ def plot(
 
 
 def main() -> None:
-    """Entry point of the ``charlm`` console script."""
-    app()
+    """Entry point of the ``charlm`` console script.
+
+    Under torchrun every rank parses the same command line, so a mistake in it is said once, by
+    rank 0 (as every error of a distributed run is): the other ranks leave with its exit code.
+    """
+    if os.environ.get("RANK", "0") == "0":
+        app()
+        return
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # a usage error
+        code = exc.exit_code
+    except typer.Abort:
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else 0)

@@ -171,6 +171,23 @@ def load_model(run: Run, tag: str = BEST, device: torch.device | str = "cpu") ->
     return model.to(device).eval()
 
 
+def weights_sha256(run_dir: Path, tag: str) -> str:
+    """The SHA-256 of checkpoint ``tag``'s weights, as its manifest records it: the identity of
+    the model it holds (what a state file is tied to).
+
+    Raises:
+        CheckpointError: no such checkpoint, or its manifest is damaged.
+    """
+    directory = checkpoint_dir(run_dir, tag)
+    if directory is None:
+        raise CheckpointError(f"{run_dir} has no {tag} checkpoint yet")
+    manifest = read_json(read_bytes(directory / MANIFEST_FILE), directory / MANIFEST_FILE)
+    try:
+        return str(manifest["files"][WEIGHTS_FILE]["sha256"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{directory / MANIFEST_FILE} is damaged: {exc}") from exc
+
+
 def load_weights(model: RNNLM, weights: dict[str, torch.Tensor], source: Path | str) -> None:
     """Copy ``weights`` into ``model``, every tensor present and of the right shape.
 
