@@ -134,6 +134,7 @@ class TrainConfig:
     save_steps: int | None = None  # save ``latest`` every this many steps ...
     save_seconds: float | None = 300.0  # ... or this many seconds (and at every validation)
     weight_decay: float = 0.0  # decoupled (AdamW), or L2 with SGD
+    sample_every: int | None = None  # show a sample every N steps; None: at each validation; 0: never
     seed: int = 1234
     device: str = "auto"
     precision: Precision = Precision.auto
@@ -153,6 +154,8 @@ class TrainConfig:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.decay <= 1:
             raise ConfigError(f"--decay must be in [0, 1], got {self.decay}")
+        if self.sample_every is not None and self.sample_every < 0:
+            raise ConfigError(f"--sample-every must not be negative, got {self.sample_every}")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must not be negative, got {self.weight_decay}")
         if not 0 < self.anneal <= 1:

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -77,6 +77,39 @@ Data = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
+# The sampling options `sample` and `chat` share.
+Temp = Annotated[float, typer.Option(help="Temperature; 0 picks the most likely token.")]
+TopK = Annotated[int, typer.Option(help="Sample from the k most likely tokens (0: all).")]
+TopP = Annotated[float, typer.Option(help="Sample from the smallest set with this probability (1: all).")]
+MinP = Annotated[float, typer.Option(help="Drop tokens less likely than this times the likeliest (0: off).")]
+Length = Annotated[int, typer.Option(help="Tokens to generate per sample (0: none).")]
+Seed = Annotated[
+    int | None, typer.Option(help="Random seed; the same seed gives the same text.", show_default=False)
+]
+Stop = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="End a sample when its text ends with this (repeatable); not printed.", show_default=False
+    ),
+]
+IncludeStop = Annotated[bool, typer.Option(help="Print the stop string that ended a sample.")]
+Ban = Annotated[
+    list[str] | None, typer.Option(help="Text that is never produced (repeatable).", show_default=False)
+]
+RepetitionPenalty = Annotated[
+    float, typer.Option(help="Divide recent tokens' positive scores by this (1: off).")
+]
+PresencePenalty = Annotated[
+    float, typer.Option(help="Subtract this from the scores of recent tokens (0: off).")
+]
+FrequencyPenalty = Annotated[
+    float, typer.Option(help="Subtract this per occurrence among recent tokens (0: off).")
+]
+PenaltyWindow = Annotated[int, typer.Option(help="Recent tokens the penalties count, the prime's included.")]
+StateFile = Annotated[
+    Path | None,
+    typer.Option(help="Start from this state file (see sample --save-state).", show_default=False),
+]
 
 
 @app.callback()
@@ -213,6 +246,14 @@ def train(
     seed: Annotated[
         int, typer.Option(help="Random seed; the same seed repeats a run on the same machine.")
     ] = TRAIN.seed,
+    sample_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Show a short sample every N steps (default: at each validation; 0: never); each is "
+            "also logged with its step in RUN/samples.jsonl.",
+            show_default=False,
+        ),
+    ] = TRAIN.sample_every,
     device: Device = TRAIN.device,
     precision: Annotated[
         Precision,
@@ -277,16 +318,10 @@ def _load(run: Path | None, tag: CheckpointTag, device: str) -> Model:
 def sample(
     ctx: typer.Context,
     run: RunArg = None,
-    temp: Annotated[
-        float, typer.Option(help="Temperature; 0 picks the most likely token.")
-    ] = SAMPLE.temperature,
-    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0: all).")] = SAMPLE.top_k,
-    top_p: Annotated[
-        float, typer.Option(help="Sample from the smallest set with this probability (1: all).")
-    ] = SAMPLE.top_p,
-    min_p: Annotated[
-        float, typer.Option(help="Drop tokens less likely than this times the likeliest (0: off).")
-    ] = SAMPLE.min_p,
+    temp: Temp = SAMPLE.temperature,
+    top_k: TopK = SAMPLE.top_k,
+    top_p: TopP = SAMPLE.top_p,
+    min_p: MinP = SAMPLE.min_p,
     prime: Annotated[str, typer.Option(help="Text to start from; printed first.")] = SAMPLE.prime,
     prime_file: Annotated[
         Path | None,
@@ -294,36 +329,17 @@ def sample(
             help="Read this file first (any length; not printed), then --prime.", show_default=False
         ),
     ] = None,
-    length: Annotated[int, typer.Option(help="Tokens to generate per sample (0: none).")] = SAMPLE.length,
+    length: Length = SAMPLE.length,
     num_samples: Annotated[int, typer.Option(help="How many samples.")] = SAMPLE.num_samples,
-    seed: Annotated[
-        int | None, typer.Option(help="Random seed; the same seed gives the same text.", show_default=False)
-    ] = None,
-    stop: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="End a sample when its text ends with this (repeatable); not printed.", show_default=False
-        ),
-    ] = None,
-    include_stop: Annotated[bool, typer.Option(help="Print the stop string that ended a sample.")] = False,
-    ban: Annotated[
-        list[str] | None, typer.Option(help="Text that is never produced (repeatable).", show_default=False)
-    ] = None,
-    repetition_penalty: Annotated[
-        float, typer.Option(help="Divide recent tokens' positive scores by this (1: off).")
-    ] = SAMPLE.repetition_penalty,
-    presence_penalty: Annotated[
-        float, typer.Option(help="Subtract this from the scores of recent tokens (0: off).")
-    ] = SAMPLE.presence_penalty,
-    frequency_penalty: Annotated[
-        float, typer.Option(help="Subtract this per occurrence among recent tokens (0: off).")
-    ] = SAMPLE.frequency_penalty,
-    penalty_window: Annotated[
-        int, typer.Option(help="Recent tokens the penalties count, the prime's included.")
-    ] = SAMPLE.penalty_window,
-    state: Annotated[
-        Path | None, typer.Option(help="Start from this state file (see --save-state).", show_default=False)
-    ] = None,
+    seed: Seed = None,
+    stop: Stop = None,
+    include_stop: IncludeStop = False,
+    ban: Ban = None,
+    repetition_penalty: RepetitionPenalty = SAMPLE.repetition_penalty,
+    presence_penalty: PresencePenalty = SAMPLE.presence_penalty,
+    frequency_penalty: FrequencyPenalty = SAMPLE.frequency_penalty,
+    penalty_window: PenaltyWindow = SAMPLE.penalty_window,
+    state: StateFile = None,
     save_state: Annotated[
         Path | None,
         typer.Option(
@@ -426,6 +442,81 @@ def _write(text: str) -> None:
     """Stream text to stdout as soon as it is known."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+@app.command()
+def chat(
+    ctx: typer.Context,
+    run: RunArg = None,
+    temp: Temp = SAMPLE.temperature,
+    top_k: TopK = SAMPLE.top_k,
+    top_p: TopP = SAMPLE.top_p,
+    min_p: MinP = SAMPLE.min_p,
+    length: Annotated[int, typer.Option(help="Tokens per reply at most.")] = SAMPLE.length,
+    seed: Seed = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="End a reply when it ends with this (repeatable; default: a blank line).", show_default=False
+        ),
+    ] = None,
+    ban: Ban = None,
+    repetition_penalty: RepetitionPenalty = SAMPLE.repetition_penalty,
+    presence_penalty: PresencePenalty = SAMPLE.presence_penalty,
+    frequency_penalty: FrequencyPenalty = SAMPLE.frequency_penalty,
+    penalty_window: PenaltyWindow = SAMPLE.penalty_window,
+    state: StateFile = None,
+    checkpoint: Tag = CheckpointTag.best,
+    device: Device = "auto",
+) -> None:
+    """Talk with a run: each line you type is read by the model, which continues it.
+
+    A reply ends at a stop string (a blank line unless --stop), at --length, or at Ctrl-C (which
+    stops that reply only). The model remembers the whole conversation. Ctrl-D leaves.
+    """
+
+    def action() -> None:
+        from charlm.generation.chat import DEFAULT_STOP, Conversation
+
+        config = SampleConfig(
+            length, temp, top_k, top_p, "", 1, seed, tuple(stop or DEFAULT_STOP), False, min_p,
+            repetition_penalty, presence_penalty, frequency_penalty, penalty_window, tuple(ban or ()),
+        )  # fmt: skip
+        model = _load(run, checkpoint, device)
+        start = model.load_state(state) if state is not None else None
+        talk = Conversation(model.network, model.run.tokenizer, config, start)
+        for line in _lines(
+            f"chatting with {model.path} ({model.checkpoint}); Ctrl-C stops a reply, Ctrl-D leaves"
+        ):
+            replying = talk.reply(line)
+            try:
+                for piece in replying:
+                    _write(piece)
+            except KeyboardInterrupt:  # this reply only
+                replying.close()
+            _write("\n")
+
+    _guard(ctx, action)
+
+
+def _lines(greeting: str) -> Iterator[str]:
+    """The lines a user types: at a prompt with line editing and history when stdin is a terminal
+    (prompt_toolkit; Ctrl-C clears the line, Ctrl-D ends), else the lines of stdin."""
+    if not sys.stdin.isatty():
+        for line in sys.stdin:
+            yield line.rstrip("\n")
+        return
+    from prompt_toolkit import PromptSession
+
+    stderr.print(f"[dim]{escape(greeting)}[/]", highlight=False)
+    session: PromptSession[str] = PromptSession()
+    while True:
+        try:
+            yield session.prompt("> ")
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            return
 
 
 @app.command("eval")
@@ -605,6 +696,51 @@ def _diagnose_task(
     from charlm.cli.render import recall_table
 
     Console().print(recall_table(accuracy, {r.cell: r.largest for r in results}))
+
+
+@app.command()
+def novelty(
+    ctx: typer.Context,
+    run: RunArg = None,
+    text: Annotated[
+        str, typer.Argument(help="The text to check: a file, or - for stdin (e.g. piped from charlm sample).")
+    ] = "-",
+    corpus: Annotated[
+        list[Path] | None,
+        typer.Option(help="Compare with this text instead of the run's training corpus.", show_default=False),
+    ] = None,
+    as_json: AsJson = False,
+    encoding: Encoding = "utf-8",
+) -> None:
+    """How much of a text is copied from the run's training corpus: the longest span found there
+    verbatim, and the fraction of the text's 10-, 20- and 50-character windows that occur there."""
+
+    def action() -> None:
+        from charlm.data.prepare import read_corpus
+        from charlm.diagnostics.novelty import novelty as measure
+        from charlm.errors import CorpusError
+        from charlm.runs import rundir
+
+        loaded = rundir.load_run(run or rundir.latest_run())
+        sources = corpus or [Path(p) for p in loaded.config.corpus]
+        if not sources:
+            raise CorpusError(f"{loaded.path} does not record its corpus; give it with --corpus")
+        sample = sys.stdin.read() if text == "-" else read_corpus([text], encoding)
+        reference = read_corpus(sources, encoding)
+        result = measure(sample, reference)
+        report = {
+            "characters": result.characters, "longest_copied": result.longest_copied,
+            "copied_fraction": {str(k): v for k, v in result.copied_fraction.items()},
+            "longest_spans": result.longest_spans, "corpus": [str(s) for s in sources],
+        }  # fmt: skip
+        if as_json:
+            sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
+            return
+        from charlm.cli.render import novelty_table
+
+        Console().print(novelty_table(report))
+
+    _guard(ctx, action)
 
 
 @app.command()

@@ -104,6 +104,13 @@ class TrainProgress:
             style="cyan",
         )
 
+    def on_sample(self, step: int, text: str) -> None:
+        """What the model writes at this step, kept above the bar (a line break shows as ⏎)."""
+        shown = escape(text.replace("\n", "⏎ "))
+        self._progress.console.print(
+            f"[dim]sample at step {step:,}:[/] [italic]{shown}[/]", soft_wrap=True, highlight=False
+        )
+
     def on_eval(self, record: dict[str, Any]) -> None:
         """One line per validation, kept above the bar."""
         self._progress.console.print(
@@ -186,3 +193,17 @@ def train_summary(result: TrainResult) -> str:
         f"{result.stop_reason}: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed:.0f}s; "
         f"{best}{skipped}; run saved in {result.run_dir}"
     )
+
+
+def novelty_table(report: dict[str, Any]) -> Table:
+    """``charlm novelty``: the longest copied span and the copied fraction by window size."""
+    table = Table(title=f"copied from {', '.join(report['corpus'])}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("characters", f"{report['characters']:,}")
+    table.add_row("longest copied span", f"{report['longest_copied']:,} characters")
+    for size, fraction in report["copied_fraction"].items():
+        table.add_row(f"{size}-character windows found", f"{fraction:.1%}")
+    for span in report["longest_spans"][:3]:
+        table.add_row("copied", escape(repr(span)))
+    return table

@@ -251,3 +251,15 @@ def make_generator(seed: int | None) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
+
+
+def sample_text(model: RNNLM, tokenizer: Tokenizer, characters: int, temperature: float, seed: int) -> str:
+    """About ``characters`` characters of text from the start-of-text context (a sample's first
+    ``characters``: at most that many tokens are drawn, and the text is cut there)."""
+    config = SampleConfig(length=characters, temperature=temperature, seed=seed)
+    pieces: list[str] = []
+    for _, piece in generate(model, tokenizer, config, make_generator(seed)):
+        pieces.append(piece)
+        if sum(map(len, pieces)) >= characters:
+            break
+    return "".join(pieces)[:characters]

@@ -8,6 +8,7 @@ Layout (everything ``sample``, ``eval`` and ``train --resume`` need, nothing tha
       tokenizer.model   the SentencePiece model (a protobuf)
       heldout.txt       the validation text, never trained on
       metrics.jsonl     one JSON object per evaluation
+      samples.jsonl     the samples shown while training (``--sample-every``), with their step
       .lock             held by the one process training into the run (see :mod:`charlm.runs.lock`)
       best/, latest/    checkpoints (see :mod:`charlm.runs.checkpoint`)
 
@@ -46,6 +47,7 @@ RUN_FILE = "run.json"
 TOKENIZER_FILE = "tokenizer.model"
 HELDOUT_FILE = "heldout.txt"
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 DEFAULT_ROOT = Path("checkpoints")
 
 
@@ -184,20 +186,20 @@ def update_config(run: Run, config: RunConfig) -> Run:
     return dataclasses.replace(run, config=config)
 
 
-def append_metrics(run: Run, record: dict[str, Any]) -> None:
-    """Add one evaluation record to ``metrics.jsonl``."""
+def append_metrics(run: Run, record: dict[str, Any], name: str = METRICS_FILE) -> None:
+    """Add one record to ``metrics.jsonl`` (or the run's log ``name``, e.g. ``samples.jsonl``)."""
     with (
-        os_errors(CheckpointError, f"cannot write {run.path / METRICS_FILE}"),
-        open(run.path / METRICS_FILE, "a", encoding="utf-8") as f,
+        os_errors(CheckpointError, f"cannot write {run.path / name}"),
+        open(run.path / name, "a", encoding="utf-8") as f,
     ):
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def truncate_metrics(run: Run, step: int | None) -> None:
-    """Keep only the records up to ``step`` (none if None), dropping a line cut short by a crash:
-    a resumed run logs the later validations again, and the log must read as if it had never
-    stopped."""
-    file = run.path / METRICS_FILE
+def truncate_metrics(run: Run, step: int | None, name: str = METRICS_FILE) -> None:
+    """Keep only the records of the log ``name`` up to ``step`` (none if None), dropping a line cut
+    short by a crash: a resumed run logs the later validations (and samples) again, and the log
+    must read as if it had never stopped."""
+    file = run.path / name
     if not file.exists():
         return
     kept = []

@@ -18,6 +18,7 @@ import torch
 from charlm.data.batches import count_windows, window
 from charlm.device import resolve_device, resolve_precision
 from charlm.errors import TrainingError
+from charlm.generation.sampling import sample_text
 from charlm.model.network import count_parameters, detach_hidden
 from charlm.model.scoring import EvalResult, score, total_nats
 from charlm.runs import checkpoint, rundir
@@ -48,6 +49,9 @@ MAX_RECOVERIES = 5
 # Warn (once a run) of memorisation when this many validations in a row have not improved on the
 # best held-out loss while the training loss has gone on falling below its value at the best.
 OVERFIT_PATIENCE = 3
+# The samples shown while training: about this many characters, at this temperature.
+SAMPLE_CHARS = 200
+SAMPLE_TEMPERATURE = 0.8
 
 
 class Trainer:
@@ -89,12 +93,14 @@ class Trainer:
         if resume is not None:
             self._restore(resume)
             self.resumed_from = self.progress.step
-            if ranks.main:  # the log keeps exactly the validations this state has seen
+            if ranks.main:  # the logs keep exactly the validations and samples this state has seen
                 rundir.truncate_metrics(run, self.progress.validated_at)
+                rundir.truncate_metrics(run, self.progress.step, rundir.SAMPLES_FILE)
         self.clock = Clock(tc, self.steps_per_epoch, self.progress.elapsed)
         self._elapsed = self.progress.elapsed  # the ranks' agreed training time (distributed runs)
         self._good = self.state.capture(self.clock.elapsed())  # what a run of non-finite steps goes back to
         self._saved_at = (self.progress.step, self.clock.elapsed())
+        self._sampled_at = self.progress.step if resume is not None else -1
 
     @property
     def lr(self) -> float:
@@ -142,6 +148,8 @@ class Trainer:
             self._step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             if p.step % tc.eval_every == 0:
                 self._validate()
+            if tc.sample_every and p.step % tc.sample_every == 0:
+                self._show_sample()
             stop, out_of_time, save_due = self._agree()
             if save_due and p.step % tc.eval_every:
                 self._checkpoint((checkpoint.LATEST,))
@@ -286,7 +294,23 @@ class Trainer:
             rundir.append_metrics(self.run, record)
         self._checkpoint(tags)
         self.cb.on_eval(record)
+        if self.config.sample_every is None:
+            self._show_sample()
         return True
+
+    def _show_sample(self) -> None:
+        """Show what the model writes now (about SAMPLE_CHARS characters at temperature 0.8) and
+        log it with its step in ``samples.jsonl``: watching a model learn is how people judge it.
+        Rank 0 alone samples, with a generator of its own, so training's random state is untouched."""
+        step = self.progress.step
+        if not self.ranks.main or step == self._sampled_at:
+            return
+        self._sampled_at = step
+        text = sample_text(self.model, self.run.tokenizer, SAMPLE_CHARS, SAMPLE_TEMPERATURE, seed=step)
+        self.model.train()
+        record = {"step": step, "text": text, "temperature": SAMPLE_TEMPERATURE, "seed": step}
+        rundir.append_metrics(self.run, record, rundir.SAMPLES_FILE)
+        getattr(self.cb, "on_sample", lambda step, text: None)(step, text)
 
     def _warn_overfit(self, record: dict[str, Any]) -> None:
         """Say once, with what to do, when held-out loss has stalled while training loss falls:

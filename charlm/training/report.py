@@ -35,6 +35,7 @@ class Callbacks(Protocol):
     def on_progress(self, task: str, done: int, total: int) -> None: ...
     def on_step(self, report: StepReport) -> None: ...
     def on_eval(self, record: dict[str, Any]) -> None: ...
+    def on_sample(self, step: int, text: str) -> None: ...
 
 
 class SilentCallbacks:
@@ -50,6 +51,9 @@ class SilentCallbacks:
         """Ignore."""
 
     def on_eval(self, record: dict[str, Any]) -> None:
+        """Ignore."""
+
+    def on_sample(self, step: int, text: str) -> None:
         """Ignore."""
 
 

@@ -28,6 +28,7 @@ from charlm.training.report import Callbacks, SilentCallbacks
 # Options that may change when a run is resumed (they do not change what was learned so far).
 RESUMABLE_CHANGES = (
     "epochs", "max_steps", "max_time", "eval_every", "save_steps", "save_seconds", "device", "precision",
+    "sample_every",
 )  # fmt: skip
 
 
