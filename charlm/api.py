@@ -19,8 +19,11 @@ from typing import Any
 import torch
 
 from charlm.config import DYNAMIC_DECAY, DYNAMIC_LR, CheckpointTag, Precision, SampleConfig
+from charlm.data.corpus import expand_inputs, text_chunks
 from charlm.device import resolve_device, resolve_precision
-from charlm.generation.sampling import Context, generate, make_generator, read
+from charlm.diagnostics.novelty import Novelty, novelty
+from charlm.generation.chat import DEFAULT_STOP, Conversation
+from charlm.generation.sampling import Context, Sample, generate, make_generator, read, sample_all
 from charlm.generation.state import load_state, save_state
 from charlm.model.network import RNNLM
 from charlm.model.scoring import EvalResult, evaluate_dynamic, evaluate_text
@@ -145,6 +148,41 @@ class Model:
     ) -> str:
         """The continuation of ``prime`` (not included), as one string (see :meth:`stream`)."""
         return "".join(self.stream(prime, length, temperature, top_k, top_p, seed, state, **controls))
+
+    def samples(
+        self,
+        num_samples: int,
+        prime: str = "",
+        length: int = _SAMPLE.length,
+        seed: int | None = None,
+        state: Context | None = None,
+        batch: int = 64,
+        **options: Any,
+    ) -> Iterator[Sample]:
+        """``num_samples`` samples (``.index``, ``.text``, ``.tokens``, ``.stopped``), drawn
+        ``batch`` at a time in one batched step each: what ``charlm sample --num-samples N
+        --output FILE.jsonl`` writes. ``options`` as :meth:`stream`'s (temperature, controls)."""
+        config = SampleConfig(length=length, prime=prime, num_samples=num_samples, seed=seed, **options)
+        return sample_all(self.network, self.run.tokenizer, config, make_generator(seed), state, batch)
+
+    def conversation(self, state: Context | None = None, **options: Any) -> Conversation:
+        """A chat: ``.reply(line)`` yields the model's continuation of each line in pieces, and the
+        state carries from turn to turn (``charlm chat``). ``options`` as :meth:`stream`'s; the
+        stop string defaults to a blank line."""
+        options.setdefault("stop", DEFAULT_STOP)
+        return Conversation(self.network, self.run.tokenizer, SampleConfig(**options), state)
+
+    def novelty(self, text: str, corpus: str | None = None) -> Novelty:
+        """How much of ``text`` is copied verbatim from the run's training corpus (or ``corpus``,
+        a text): ``.longest_copied``, ``.copied_fraction`` by window size, ``.longest_spans``.
+
+        Raises:
+            CorpusError: the run's corpus cannot be read here (then give ``corpus``).
+        """
+        if corpus is not None:
+            return novelty(text, corpus)
+        paths = expand_inputs(list(self.run.config.corpus))
+        return novelty(text, lambda: text_chunks(paths))
 
     def evaluate(
         self,

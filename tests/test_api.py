@@ -117,3 +117,16 @@ def test_the_readme_example_runs(tmp_path: Path, corpus: Path, monkeypatch: pyte
     monkeypatch.setattr(charlm, "train", lambda *args, **options: real(*args, **{**options, **tiny}))
     exec(compile(code, "README.md", "exec"), {})
     assert charlm.load("checkpoints/x").run.config.model.hidden == TINY["hidden"]
+
+
+def test_bulk_chat_and_novelty_through_the_api(trained_run: Path, tmp_path: Path, corpus_text: str) -> None:
+    model = charlm.load(trained_run)
+    drawn = list(model.samples(5, length=30, seed=4, temperature=0.9, stop=["\n"]))
+    out = tmp_path / "s.jsonl"
+    invoke("sample", trained_run, "--num-samples", "5", "--length", "30", "--seed", "4", "--temp", "0.9",
+           "--stop", "\n", "--output", out)  # fmt: skip
+    assert [s.text for s in drawn] == [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    talk = model.conversation(length=20, seed=1)
+    assert "".join(talk.reply("Hello")) == "".join(model.conversation(length=20, seed=1).reply("Hello"))
+    copied = model.novelty("@@" + corpus_text[300:400] + "@@")  # the run's own corpus
+    assert copied.longest_copied >= 100

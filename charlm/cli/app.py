@@ -716,6 +716,7 @@ def novelty(
     verbatim, and the fraction of the text's 10-, 20- and 50-character windows that occur there."""
 
     def action() -> None:
+        from charlm.data.corpus import expand_inputs, text_chunks
         from charlm.data.prepare import read_corpus
         from charlm.diagnostics.novelty import novelty as measure
         from charlm.errors import CorpusError
@@ -726,8 +727,8 @@ def novelty(
         if not sources:
             raise CorpusError(f"{loaded.path} does not record its corpus; give it with --corpus")
         sample = sys.stdin.read() if text == "-" else read_corpus([text], encoding)
-        reference = read_corpus(sources, encoding)
-        result = measure(sample, reference)
+        paths = expand_inputs(sources)
+        result = measure(sample, lambda: text_chunks(paths, encoding))  # streamed: bounded memory
         report = {
             "characters": result.characters, "longest_copied": result.longest_copied,
             "copied_fraction": {str(k): v for k, v in result.copied_fraction.items()},

@@ -2,27 +2,28 @@
 the fraction of the text's 10-, 20- and 50-character windows that do (torch-rnn shipped such a
 script: a small corpus is easy to memorise, and a sample that reads well may be a quotation).
 
-One pass over the corpus, in chunks, finds every window of the text that occurs in it, for the
-three window sizes and for a ladder of longer lengths: each chunk's windows get 64-bit polynomial
-hashes, computed for all positions at once with NumPy (the prefix sum of ``c[i] * B**-i`` modulo
-2**64, B odd so invertible), and are looked up among the text's own window hashes. The longest
-span is then pinned down between two rungs of the ladder with exact substring searches, so it is
+One pass over the corpus, streamed in chunks, finds every window of the text that occurs in it,
+for the three window sizes and for a ladder of longer lengths: each chunk's windows get 64-bit
+polynomial hashes, computed for all positions at once with NumPy (the prefix sum of
+``c[i] * B**-i`` modulo 2**64, B odd so invertible), and are looked up among the text's own window
+hashes by binary search. A rung is hashed only where the rung below hit. The corpus text where the
+highest rung hit is kept, and the longest span is found in it character by character, so it is
 exact; the fractions rest on the hashes (a false match has odds of about 2**-64 per window).
 
-Memory: the corpus text (for the exact searches) and a few arrays of one chunk: 100 MB of corpus
-fit in well under 1 GB.
+Memory: a few arrays of one chunk; the corpus is never held whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 WINDOWS = (10, 20, 50)
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: invertible modulo 2**64
-_CHUNK = 1 << 22  # corpus characters hashed at once
+_CHUNK = 1 << 20  # corpus characters hashed at once (arrays of a few MB each)
 
 
 @dataclass(frozen=True)
@@ -83,41 +84,122 @@ class _Hasher:
             return diff * self.pow[k - 1 : self.n]
 
 
-def novelty(text: str, corpus: Sequence[str] | str, windows: Sequence[int] = WINDOWS) -> Novelty:
-    """Measure ``text`` against ``corpus`` (its text, or the pieces it streams in: a piece of the
-    corpus is a separate text, a window never spans two).
+Corpus = str | Callable[[], Iterable[str]]
+
+
+def novelty(text: str, corpus: Corpus, windows: Sequence[int] = WINDOWS) -> Novelty:
+    """Measure ``text`` against ``corpus``: its text, or a function that streams its text in pieces
+    of any size (as :func:`charlm.data.corpus.text_chunks` does; memory then stays bounded
+    whatever its size; a second pass is made only for a text with no window in the corpus).
 
     Returns:
         The longest copied span (characters) and the fraction of the text's windows of each size
         in ``windows`` that occur in the corpus (a text shorter than a window has no such windows).
     """
-    pieces = [corpus] if isinstance(corpus, str) else list(corpus)
     n = len(text)
     first = min(windows)
-    rungs = sorted({*windows, *_ladder(n, first)})
-    size = _CHUNK + n + 1  # a chunk and its overlap
+    stream = (lambda: [corpus]) if isinstance(corpus, str) else corpus
+    size = _CHUNK + n + 1  # a buffer: a chunk and the overlap carried from the one before
     inv, pow_ = _powers(_INV, size), _powers(_BASE, size)
     own = _Hasher(_codes(text), inv, pow_)
-    wanted = {k: np.unique(own.windows(k)) for k in rungs}  # sorted
-    found: dict[int, list[np.ndarray]] = {k: [] for k in rungs}
-    for piece in pieces:
-        for start in range(0, len(piece), _CHUNK):
-            chunk = piece[start : start + _CHUNK + n]  # overlaps the next by a window of any length
-            hasher = _Hasher(_codes(chunk), inv, pow_)
-            # Every copied window of any length starts with a copied window of the shortest: the
-            # longer ones are hashed only where the shortest hit.
-            at = np.flatnonzero(_member(hasher.windows(first), wanted[first]))
-            for k in rungs:
-                places = at[at + k <= hasher.n]
-                hashes = hasher.at(places, k)
-                found[k].append(hashes[_member(hashes, wanted[k])])
-    hits = {k: np.unique(np.concatenate(v)) if v else np.zeros(0, np.uint64) for k, v in found.items()}
+    hits, top = _scan(own, sorted({*windows, *_ladder(n, first)}), stream(), inv, pow_)
     fractions = {}
     for k in windows:
         hashes = own.windows(k)
         fractions[k] = float(_member(hashes, hits[k]).mean()) if hashes.size else 0.0
-    longest, spans = _longest(text, pieces, own, rungs, hits)
-    return Novelty(n, longest, spans, fractions)
+    if not top.snippets and n:  # no window of the text is in the corpus: how much shorter is?
+        _, top = _scan(own, list(range(1, min(first, n + 1))), stream(), inv, pow_)
+    longest, spans = _extend(text, top)
+    return Novelty(n, longest, spans if longest >= first else [], fractions)
+
+
+def _scan(
+    own: _Hasher, rungs: list[int], chunks: Iterable[str], inv: np.ndarray, pow_: np.ndarray
+) -> tuple[dict[int, np.ndarray], _Top]:
+    """One pass over the corpus: the hashes of the text's windows found there, by rung, and the
+    corpus text where the highest rung hit."""
+    wanted = {k: np.unique(own.windows(k)) for k in rungs}  # sorted
+    seen = {k: np.zeros(wanted[k].size, dtype=bool) for k in rungs}  # which of them the corpus has
+    top = _Top()
+    for buffer in _buffers(chunks, _CHUNK, own.n):
+        hasher = _Hasher(_codes(buffer), inv, pow_)
+        # Every copied window of a rung starts a copied window of the rung below: each rung is
+        # hashed only where the one below hit, so the long rungs cost next to nothing.
+        at = None  # every position, for the first rung (hashed in one sweep)
+        highest = 0
+        for k in rungs:
+            if at is None:
+                hashes = hasher.windows(k)
+                places = np.arange(hashes.size)
+            else:
+                places = at[at + k <= hasher.n]
+                hashes = hasher.at(places, k)
+            hit = _member(hashes, wanted[k])
+            if not hit.any():
+                break
+            seen[k][np.searchsorted(wanted[k], hashes[hit])] = True
+            at, highest = places[hit], k
+        if highest:
+            top.offer(highest, [buffer[p : p + own.n] for p in at[: _Top.KEEP].tolist()])
+    return {k: wanted[k][seen[k]] for k in rungs}, top
+
+
+class _Top:
+    """The corpus text at the places where the highest rung so far hit (up to KEEP of them): what
+    the longest copied span is found in, exactly, once the pass is over."""
+
+    KEEP = 1000
+
+    def __init__(self) -> None:
+        self.rung, self.snippets = 0, []
+
+    def offer(self, rung: int, snippets: list[str]) -> None:
+        if rung > self.rung:
+            self.rung, self.snippets = rung, []
+        if rung == self.rung:
+            self.snippets = (self.snippets + snippets)[: self.KEEP]
+
+
+def _buffers(chunks: Iterable[str], size: int, overlap: int) -> Iterator[str]:
+    """The text of ``chunks`` re-cut into buffers of ``size`` new characters each, after the last
+    ``overlap`` characters of the buffer before: every window of up to ``overlap + 1`` characters
+    lies whole in some buffer, and no buffer is longer than ``size + overlap``."""
+    carry, pending, length = "", [], 0
+    for chunk in chunks:
+        pending.append(chunk)
+        length += len(chunk)
+        if length < size:
+            continue
+        joined, i = "".join(pending), 0
+        while len(joined) - i >= size:
+            buffer = carry + joined[i : i + size]
+            yield buffer
+            carry = buffer[-overlap:] if overlap else ""
+            i += size
+        pending = [joined[i:]]
+        length = len(pending[0])
+    rest = "".join(pending)
+    if rest:
+        yield carry + rest
+
+
+def _extend(text: str, top: _Top) -> tuple[int, list[str]]:
+    """The longest span of ``text`` that a kept corpus snippet begins with: each snippet starts
+    where the highest rung hit, so the text positions with the same window are compared with it
+    character by character (exact; a hash collision compares short and is dropped)."""
+    k = top.rung
+    starts: dict[str, list[int]] = {}
+    for s in range(len(text) - k + 1):
+        starts.setdefault(text[s : s + k], []).append(s)
+    spans: dict[str, int] = {}
+    for snippet in top.snippets:
+        for s in starts.get(snippet[:k], []):
+            m = len(os.path.commonprefix([text[s:], snippet]))  # noqa: RUF071 (characters, not paths)
+            spans[text[s : s + m]] = m
+    if not spans:
+        return 0, []
+    ordered = sorted(spans, key=len, reverse=True)
+    return len(ordered[0]), ordered[:5]
 
 
 def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
@@ -136,40 +218,3 @@ def _ladder(n: int, first: int) -> list[int]:
         out.append(k)
         k = max(k + 1, int(k * 1.25))
     return out
-
-
-def _longest(
-    text: str, pieces: list[str], own: _Hasher, rungs: list[int], hits: dict[int, np.ndarray]
-) -> tuple[int, list[str]]:
-    """The exact longest span of ``text`` in the corpus. The longest rung with a hit bounds it
-    below and the next rung above; the text positions whose window hit at that rung are extended
-    by binary search with exact substring tests (a position that cannot beat the best so far costs
-    one test). Below the shortest rung, the spans are tried directly (short texts, or no copy)."""
-    found_rungs = [k for k in rungs if hits[k].size]
-    if not found_rungs:
-        best = 0
-        for m in range(1, min(rungs[0] - 1, len(text)) + 1):
-            if not any(_in(text[s : s + m], pieces) for s in range(len(text) - m + 1)):
-                break
-            best = m
-        return best, []
-    lo = found_rungs[-1]
-    above = [k for k in rungs if k > lo]
-    hi = above[0] if above else len(text) + 1  # no window this long occurs
-    starts = np.flatnonzero(_member(own.windows(lo), hits[lo])).tolist()
-    best, spans = 0, {}
-    for s in starts:
-        if s + max(best, lo) > len(text) or not _in(text[s : s + max(best, lo)], pieces):
-            continue  # a hash collision, or it cannot beat the best
-        a, b = max(best, lo), min(hi, len(text) - s + 1)  # a occurs, b does not (or is past the end)
-        while b - a > 1:
-            mid = (a + b) // 2
-            a, b = (mid, b) if _in(text[s : s + mid], pieces) else (a, mid)
-        spans[text[s : s + a]] = a
-        best = max(best, a)
-    ordered = sorted(spans, key=len, reverse=True)[:5]
-    return best, ordered
-
-
-def _in(span: str, pieces: list[str]) -> bool:
-    return any(span in piece for piece in pieces)
