@@ -1,0 +1,157 @@
+"""``charlm serve`` under load: 1, 8, 32 and 128 concurrent streaming clients, on loopback.
+
+    python benchmarks/serve_load.py [--concurrency 1,8,32,128] [--tokens 200] [--hidden 512]
+
+Trains a run of the default model shape (2 layers, ``--hidden`` units) for one step on CPython's own
+documentation (the weights do not change the cost), starts ``charlm serve`` on a free loopback
+port, and for each concurrency runs that many streaming ``/v1/completions`` clients at once (one
+request of ``--tokens`` tokens each, bounded: every client ends). Per level it reports the
+aggregate tokens/s (all tokens over the wall time), the p50/p99 time to first token and
+inter-token latency (gaps between a stream's chunks), and the server's resident memory per stream
+(its RSS at the busiest level over its idle RSS, per stream). Prints a table and one JSON object.
+
+The clients run in this process (one asyncio loop, httpx) on the same 2-core CPU as the server:
+they take a share of it, as real clients on the same machine would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+import charlm
+from charlm.data.prepare import builtin_corpus
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def one_stream(
+    client: httpx.AsyncClient, url: str, model: str, tokens: int, seed: int
+) -> tuple[float, list[float], int]:
+    """(time to first token, gaps between the stream's chunks, tokens) of one streaming request. A
+    chunk may carry several tokens when the server is busy; every request here runs to
+    ``max_tokens`` (no stop string), which is its token count, checked by its finish reason."""
+    body = {"model": model, "prompt": "The ", "max_tokens": tokens, "stream": True, "seed": seed}
+    start = time.perf_counter()
+    arrivals, finish = [], None
+    async with client.stream("POST", url, json=body) as reply:
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            arrivals.append(time.perf_counter())
+            for choice in json.loads(line[6:])["choices"]:
+                finish = choice["finish_reason"] or finish
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    return (arrivals[0] - start if arrivals else float("nan")), gaps, tokens if finish == "length" else 0
+
+
+async def level(url: str, model: str, clients: int, tokens: int, pid: int) -> dict[str, float]:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        peak = [rss_mb(pid)]
+
+        async def watch() -> None:
+            while True:
+                peak.append(rss_mb(pid))
+                await asyncio.sleep(0.2)
+
+        watcher = asyncio.create_task(watch())
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(client, url, model, tokens, s) for s in range(clients)))
+        wall = time.perf_counter() - start
+        watcher.cancel()
+    ttft = [r[0] for r in results]
+    gaps = [g for r in results for g in r[1]]
+    total = sum(r[2] for r in results)
+    return {
+        "clients": clients,
+        "tokens": total,
+        "seconds": round(wall, 2),
+        "tokens_per_s": round(total / wall, 1),
+        "ttft_p50_ms": round(1000 * percentile(ttft, 0.5), 1),
+        "ttft_p99_ms": round(1000 * percentile(ttft, 0.99), 1),
+        "itl_p50_ms": round(1000 * percentile(gaps, 0.5), 2),
+        "itl_p99_ms": round(1000 * percentile(gaps, 0.99), 2),
+        "rss_peak_mb": round(max(peak), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--concurrency", default="1,8,32,128")
+    parser.add_argument("--tokens", type=int, default=200, help="tokens per request")
+    parser.add_argument("--hidden", type=int, default=512)
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "pydoc.txt"
+        corpus.write_text(builtin_corpus(), encoding="utf-8")
+        run = charlm.train(corpus, out=Path(tmp) / "run", max_steps=1, hidden=args.hidden, embed=args.hidden,
+                           device="cpu").run_dir  # fmt: skip
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "charlm", "serve", str(run), "--port", str(port), "--device", "cpu",
+             "--max-streams", str(max(levels))],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            for _ in range(300):
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            asyncio.run(level(url, run.name, 2, 20, server.pid))  # warm-up
+            idle = rss_mb(server.pid)
+            results = [asyncio.run(level(url, run.name, c, args.tokens, server.pid)) for c in levels]
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    one = results[0]["tokens_per_s"]
+    for r in results:
+        r["vs_one_stream"] = round(r["tokens_per_s"] / one, 2)
+        r["rss_per_stream_kb"] = round(1024 * (r["rss_peak_mb"] - idle) / r["clients"], 1)
+    print(f"2x{args.hidden} LSTM, {args.tokens} tokens per request, server idle RSS {idle:.0f} MB")
+    columns = ("clients", "tokens/s", "x one", "TTFT p50 ms", "p99", "ITL p50 ms", "p99", "KB/stream")
+    print("  ".join(f"{c:>11}" for c in columns))
+    for r in results:
+        row = (r["clients"], f"{r['tokens_per_s']:,.0f}", f"{r['vs_one_stream']:.2f}", r["ttft_p50_ms"],
+               r["ttft_p99_ms"], r["itl_p50_ms"], r["itl_p99_ms"], r["rss_per_stream_kb"])  # fmt: skip
+        print("  ".join(f"{v!s:>11}" for v in row))
+    summary = {"hidden": args.hidden, "tokens": args.tokens, "idle_rss_mb": round(idle, 1), "levels": results}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

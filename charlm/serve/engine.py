@@ -1,0 +1,264 @@
+"""Continuous batching for a recurrent model: every active request is a row of one batched step.
+
+A recurrent model's state is a few kilobytes per stream and does not grow with the text, so one
+thread advances every stream at once: each step it picks the next token of every row (each row
+with its own sampling controls and random generator, the same code as ``charlm sample``), drops
+the rows that have finished or whose client has gone, admits the rows that have arrived (their
+prompts read in windows), and advances the rest in one batched recurrent step. No KV cache, no
+padding: rows join and leave at any step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from charlm.config import SampleConfig
+from charlm.data.tokenizer import StreamDecoder, Tokenizer
+from charlm.errors import CharlmError
+from charlm.generation.controls import StopMatcher
+from charlm.generation.sampling import TAIL_CHARS, Picker, make_generator, read
+from charlm.model.network import RNNLM
+from charlm.model.stepper import Stepper
+
+# (piece of text or None, finish reason or None): a piece, then once ("", "stop" | "length")
+Emit = Callable[[str, str | None], None]
+
+
+class Sink:
+    """Where one choice's text goes: an asyncio queue of (index, piece, finish) in the server's
+    event loop. The engine hands a whole step's pieces to each loop at once (one wake-up a step,
+    not one a token); called alone, it hands over one piece."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int) -> None:
+        self.loop, self.queue, self.index = loop, queue, index
+
+    def __call__(self, piece: str, finish: str | None) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, piece, finish))
+
+
+def _deliver(items: list[tuple[asyncio.Queue, tuple[int, str, str | None]]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+class Busy(CharlmError):
+    """Every row is taken: the request is refused (HTTP 429), not queued without bound."""
+
+
+@dataclass
+class Request:
+    """One completion: a prompt, how to sample it (``config.length`` is max_tokens), and where its
+    text goes. ``emit`` is called from the engine's thread; ``cancelled`` is set by the caller
+    when its client has gone, and the row is dropped at the next step."""
+
+    prompt: str
+    config: SampleConfig
+    emit: Emit
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Row:
+    """A request being generated: its recurrent state, next-token scores and sampling state."""
+
+    def __init__(self, request: Request, engine: Engine) -> None:
+        config = request.config
+        self.request = request
+        context = read(engine.network, engine.tokenizer, request.prompt)
+        request.prompt_tokens = len(engine.tokenizer.encode(request.prompt))
+        self.state = engine.to_row_state(context.hidden)
+        self.last = context.logits.float().cpu().numpy()[None, :]  # (1, V)
+        self.picker = Picker(config, make_generator(config.seed), engine.tokenizer, 1, context.history)
+        self.decoder = StreamDecoder(engine.tokenizer)
+        self.stop = StopMatcher(config.stop, config.include_stop)
+        self.tail = context.tail
+        self.done = False
+
+
+class Engine:
+    """The batched generation loop of one model, in a thread of its own.
+
+    Args:
+        max_rows: requests generated at once (more are refused with :class:`Busy`).
+    """
+
+    def __init__(self, network: RNNLM, tokenizer: Tokenizer, max_rows: int = 256) -> None:
+        self.network, self.tokenizer, self.max_rows = network.eval(), tokenizer, max_rows
+        self.stepper = Stepper(network) if network.device.type == "cpu" else None
+        self._rows: list[_Row] = []
+        self._arrived: list[Request] = []
+        self._lock = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._out: dict[asyncio.AbstractEventLoop, list] = {}  # this step's pieces, by event loop
+        self.steps = 0
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._rows) + len(self._arrived)
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue ``requests`` (a request's ``n`` choices together, all or none).
+
+        Raises:
+            Busy: they would exceed ``max_rows``.
+        """
+        with self._lock:
+            if len(self._rows) + len(self._arrived) + len(requests) > self.max_rows:
+                raise Busy(f"the server is generating {self.max_rows} streams at once; try again shortly")
+            self._arrived.extend(requests)
+            self._lock.notify()
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="charlm-engine", daemon=True)
+        self._thread.start()
+
+    def drain(self) -> None:
+        """End every stream now (shutting down): each gets its last piece and a finish reason."""
+        with self._lock:
+            rows, arrived = self._rows, self._arrived
+            self._rows, self._arrived = [], []
+        for row in rows:
+            row.request.emit("", "stop")
+        for request in arrived:
+            request.emit("", "stop")
+
+    def stop(self) -> None:
+        self.drain()
+        with self._lock:
+            self._running = False
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def to_row_state(self, hidden: torch.Tensor | tuple[torch.Tensor, ...]) -> list:
+        """A row's state from the model's (layers, 1, H) hidden state: the stepper's layout on the
+        CPU, the tensors themselves elsewhere."""
+        if self.stepper is not None:
+            return self.stepper.state_from(hidden)
+        return list(hidden) if isinstance(hidden, tuple) else [hidden]
+
+    def _loop(self) -> None:
+        """Step until stopped; a failure of a step ends the streams it held, not the engine."""
+        while self._running:
+            try:
+                self._work()
+            except Exception as exc:  # the engine must outlive any one request
+                with self._lock:
+                    rows, self._rows = self._rows, []
+                for row in rows:
+                    row.request.emit("", f"error: {exc}")
+
+    @torch.no_grad()
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not self._rows and not self._arrived:
+                    self._lock.wait()
+                if not self._running:
+                    return
+                arrived, self._arrived = self._arrived, []
+            for request in arrived:  # prompts are read here, between steps
+                try:
+                    row = _Row(request, self)
+                except (CharlmError, RuntimeError, ValueError) as exc:
+                    request.emit("", f"error: {exc}")
+                    continue
+                with self._lock:
+                    self._rows.append(row)
+            with self._lock:
+                rows = list(self._rows)
+            if rows:
+                self._step(rows)
+
+    def _send(self, request: Request, piece: str, finish: str | None) -> None:
+        """Emit now, or, for a :class:`Sink`, with the rest of this step's pieces (see _flush)."""
+        sink = request.emit
+        if isinstance(sink, Sink):
+            self._out.setdefault(sink.loop, []).append((sink.queue, (sink.index, piece, finish)))
+        else:
+            sink(piece, finish)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, {}
+        for loop, items in out.items():
+            loop.call_soon_threadsafe(_deliver, items)
+
+    def _step(self, rows: list[_Row]) -> None:
+        """Pick a token for every row, emit its text, drop finished rows, advance the rest."""
+        unk = self.tokenizer.unk_id
+        ids = []
+        for row in rows:
+            row.last[:, unk] = -math.inf  # no text encodes to it (byte fallback)
+            ids.append(int(row.picker(row.last, [row.tail] if row.picker.ban is not None else [])[0]))
+        going = []
+        for row, token in zip(rows, ids, strict=True):
+            request = row.request
+            if request.cancelled.is_set():
+                row.done = True
+                continue
+            request.completion_tokens += 1
+            text = row.decoder.push(token)
+            if text:
+                row.tail = (row.tail + text)[-TAIL_CHARS:]
+                shown = row.stop.push(text)
+                if shown:
+                    self._send(request, shown, None)
+            if row.stop.done:
+                self._send(request, "", "stop")
+                row.done = True
+            elif request.completion_tokens >= request.config.length:
+                rest = row.stop.push(row.decoder.flush()) + row.stop.flush()
+                if rest:
+                    self._send(request, rest, None)
+                self._send(request, "", "length")
+                row.done = True
+            else:
+                going.append((row, token))
+        self._flush()
+        with self._lock:
+            self._rows = [r for r in self._rows if not r.done]
+        if going:
+            self._advance(going)
+        self.steps += 1
+
+    def _advance(self, going: list[tuple[_Row, int]]) -> None:
+        """One batched recurrent step of the rows that go on, with the tokens just picked."""
+        rows = [row for row, _ in going]
+        tokens = np.array([token for _, token in going])
+        if self.stepper is not None:
+            layers = len(rows[0].state)
+            if isinstance(rows[0].state[0], tuple):  # LSTM: (h, c) per layer, each (1, H)
+                state = [
+                    tuple(np.concatenate([r.state[i][j] for r in rows]) for j in (0, 1))
+                    for i in range(layers)
+                ]
+            else:
+                state = [np.concatenate([r.state[i] for r in rows]) for i in range(layers)]
+            logits, new = self.stepper.step(tokens, state)  # (B, V)
+            for b, row in enumerate(rows):
+                row.state = [
+                    tuple(part[b : b + 1] for part in s) if isinstance(s, tuple) else s[b : b + 1]
+                    for s in new
+                ]
+                row.last = logits[b : b + 1]
+            return
+        device = self.network.device
+        hidden = [torch.cat([r.state[j] for r in rows], 1) for j in range(len(rows[0].state))]
+        state = tuple(hidden) if len(hidden) == 2 else hidden[0]
+        out, new_state = self.network(torch.from_numpy(tokens).to(device).view(1, -1), state)  # (1, B, V)
+        parts = list(new_state) if isinstance(new_state, tuple) else [new_state]
+        scores = out[0].float().cpu().numpy()
+        for b, row in enumerate(rows):
+            row.state = [p[:, b : b + 1] for p in parts]
+            row.last = scores[b : b + 1]

@@ -1,0 +1,281 @@
+"""charlm serve: the OpenAI completions API on a loopback port, driven by the official client."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import charlm
+from charlm.serve.app import Limits, create_app
+from charlm.serve.engine import Engine
+from tests.conftest import invoke
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Running:
+    """A server in a thread of this process, on a free loopback port."""
+
+    def __init__(
+        self, run: Path, api_key: str | None = None, max_rows: int = 64, limits: Limits | None = None
+    ):
+        model = charlm.load(run, device="cpu")
+        self.engine = Engine(model.network, model.run.tokenizer, max_rows)
+        self.engine.start()
+        self.port = free_port()
+        app = create_app({"tiny": self.engine}, api_key, limits)
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.engine.stop()
+
+
+@pytest.fixture()
+def server(trained_run: Path) -> Iterator[Running]:
+    running = Running(trained_run)
+    yield running
+    running.close()
+
+
+def test_the_openai_client_works_unchanged(server: Running, trained_run: Path) -> None:
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    done = client.completions.create(model="tiny", prompt="The ", max_tokens=40, seed=3, temperature=0.9)
+    text = done.choices[0].text
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 40
+    # the same code as charlm sample: the same seed gives the same text
+    printed = invoke(
+        "sample", trained_run, "--prime", "The ", "--length", "40", "--seed", "3", "--temp", "0.9"
+    )
+    assert printed.stdout == "The " + text + ("" if text.endswith("\n") else "\n")
+    streamed = client.completions.create(model="tiny", prompt="The ", max_tokens=40, seed=3, temperature=0.9,
+                                         stream=True)  # fmt: skip
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_several_prompts_choices_and_stop_strings(server: Running) -> None:
+    client = server.client()
+    done = client.completions.create(
+        model="tiny", prompt=["a", "b"], n=2, max_tokens=30, seed=1, stop=["e", "\n"]
+    )
+    assert sorted(c.index for c in done.choices) == [0, 1, 2, 3]
+    for choice in done.choices:
+        assert "e" not in choice.text and "\n" not in choice.text
+        assert choice.finish_reason in ("stop", "length")
+    extra = client.completions.create(model="tiny", prompt="a", max_tokens=30, seed=1,
+                                      extra_body={"min_p": 0.1, "top_k": 5})  # fmt: skip
+    assert extra.choices[0].text
+
+
+def test_concurrent_streams_are_rows_of_one_step(server: Running) -> None:
+    """Eight streams at once: they all finish, and the engine stepped them together (far fewer
+    steps than tokens)."""
+    client = server.client()
+    results: list[str] = []
+
+    def one(seed: int) -> None:
+        stream = client.completions.create(model="tiny", prompt="x", max_tokens=100, seed=seed, stream=True)
+        results.append("".join(c.choices[0].text for c in stream))
+
+    before = server.engine.steps
+    threads = [threading.Thread(target=one, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 8
+    assert server.engine.steps - before < 8 * 100 * 0.6  # rows shared steps
+
+
+def test_bad_requests_get_openai_errors_never_500(server: Running) -> None:
+    url = f"{server.url}/v1/completions"
+    cases = [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (json.dumps({"prompt": "a"}).encode(), 400, "model"),
+        (json.dumps({"model": "nope", "prompt": "a"}).encode(), 404, "model"),
+        (json.dumps({"model": "tiny", "prompt": 5}).encode(), 400, "prompt"),
+        (json.dumps({"model": "tiny", "prompt": []}).encode(), 400, "prompt"),
+        (json.dumps({"model": "tiny", "prompt": "a", "max_tokens": "9"}).encode(), 400, "max_tokens"),
+        (json.dumps({"model": "tiny", "prompt": "a", "max_tokens": True}).encode(), 400, "max_tokens"),
+        (json.dumps({"model": "tiny", "prompt": "a", "max_tokens": 10**9}).encode(), 400, "max_tokens"),
+        (json.dumps({"model": "tiny", "prompt": "a", "temperature": 9}).encode(), 400, "temperature"),
+        (json.dumps({"model": "tiny", "prompt": "a", "top_p": 0}).encode(), 400, None),
+        (json.dumps({"model": "tiny", "prompt": "a", "n": 0}).encode(), 400, "n"),
+        (json.dumps({"model": "tiny", "prompt": "a", "stop": [1]}).encode(), 400, "stop"),
+        (json.dumps({"model": "tiny", "prompt": "a" * 200_000}).encode(), 400, "prompt"),
+    ]
+    for body, status, param in cases:
+        reply = httpx.post(url, content=body, timeout=30)
+        assert reply.status_code == status, (body[:60], reply.text)
+        error = reply.json()["error"]
+        assert error["message"] and error["type"] and "Traceback" not in reply.text
+        if param:
+            assert error["param"] == param
+    with pytest.raises(openai.NotFoundError):
+        server.client().completions.create(model="nope", prompt="a")
+
+
+def test_too_many_streams_get_429(trained_run: Path) -> None:
+    running = Running(trained_run, max_rows=1)
+    try:
+        client = running.client()
+        stream = client.completions.create(model="tiny", prompt="a", max_tokens=4000, stream=True)
+        next(iter(stream))  # one stream is generating
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="tiny", prompt="b", max_tokens=5)
+        stream.close()  # the client goes away: its row is freed within a step
+        deadline = time.time() + 10
+        while running.engine.active and time.time() < deadline:
+            time.sleep(0.05)
+        assert running.engine.active == 0
+        assert client.completions.create(model="tiny", prompt="b", max_tokens=5).choices[0].text is not None
+    finally:
+        running.close()
+
+
+def test_an_api_key_is_required_when_set(trained_run: Path) -> None:
+    running = Running(trained_run, api_key="s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            running.client("wrong").completions.create(model="tiny", prompt="a", max_tokens=3)
+        assert running.client("s3cret").completions.create(model="tiny", prompt="a", max_tokens=3).choices
+        assert httpx.get(f"{running.url}/health").status_code == 200  # health needs no key
+    finally:
+        running.close()
+
+
+def test_the_page_is_served(server: Running) -> None:
+    page = httpx.get(f"{server.url}/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/v1/completions" in page.text and "<textarea" in page.text
+
+
+def start(trained_run: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "charlm", "serve", str(trained_run), "--port", str(port), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process, port
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError(process.communicate()[1])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_end_streams_properly_and_exit_0(trained_run: Path, sig: signal.Signals) -> None:
+    process, port = start(trained_run)
+    events: list[str] = []
+
+    def read() -> None:
+        body = {"model": trained_run.name, "prompt": "a", "max_tokens": 4000, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as reply:
+            for line in reply.iter_lines():
+                if line:
+                    events.append(line)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    deadline = time.time() + 60
+    while len(events) < 5 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(events) >= 5, events
+    process.send_signal(sig)
+    reader.join(timeout=30)
+    assert process.wait(timeout=30) == 0, process.communicate()[1]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: ") :])["choices"][0]["finish_reason"] == "stop"
+    assert "Traceback" not in process.communicate()[1]
+
+
+def test_binding_beyond_loopback_without_a_key_warns(trained_run: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "charlm", "serve", str(trained_run), "--host", "0.0.0.0", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CHARLM_API_KEY": ""},
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert "warning: serving on 0.0.0.0 without an API key" in process.communicate()[1]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (.ci/run installs it with apt-get)")
+def test_the_page_generates_in_headless_chromium(trained_run: Path, tmp_path: Path) -> None:
+    """The page, loaded in headless Chromium, generates (streaming into the page) and is saved as a
+    screenshot. `?prompt=...&go` starts it at once, as a link can."""
+    process, port = start(trained_run)
+    try:
+        page_generates(f"http://127.0.0.1:{port}", trained_run.name, tmp_path)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def page_generates(base: str, model: str, tmp_path: Path) -> None:
+    url = f"{base}/?prompt=The%20&go=1&seed=1&max_tokens=60"
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+    expected = client.completions.create(model=model, prompt="The ", max_tokens=60, seed=1, temperature=0.8)
+    assert '<div id="status">done</div>' in dom, dom[dom.find('<div id="status">') :][:400]
+    shown = dom.split('<div id="out">', 1)[1].split("</div>", 1)[0]
+    assert html.unescape(shown) == "The " + expected.choices[0].text
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [*flags, "--window-size=1000,700", f"--screenshot={shot}", url], capture_output=True, timeout=120
+    )
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
