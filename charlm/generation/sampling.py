@@ -124,6 +124,7 @@ class Context:
     logits: torch.Tensor  # (V,) of the next token
     history: list[int]  # the last HISTORY_TOKENS tokens read
     tail: str  # the last TAIL_CHARS characters read
+    tokens: int = 0  # tokens of text read to reach it (the start-of-text newline not counted)
 
 
 @torch.no_grad()
@@ -132,6 +133,7 @@ def read(model: RNNLM, tokenizer: Tokenizer, text: str, start: Context | None = 
     ``start``, ``READ_WINDOW`` tokens per pass: any length in bounded memory."""
     model.eval()
     ids = tokenizer.encode(text)
+    read_tokens = len(ids) + (start.tokens if start is not None else 0)
     if start is None:
         ids = [tokenizer.newline_id, *ids]
     hidden = start.hidden if start is not None else None
@@ -143,7 +145,7 @@ def read(model: RNNLM, tokenizer: Tokenizer, text: str, start: Context | None = 
     assert hidden is not None and logits is not None
     history = ((start.history if start else []) + ids)[-HISTORY_TOKENS:]
     tail = ((start.tail if start else "") + text)[-TAIL_CHARS:]
-    return Context(hidden, logits, history, tail)
+    return Context(hidden, logits, history, tail, read_tokens)
 
 
 @torch.no_grad()

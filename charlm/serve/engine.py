@@ -73,7 +73,7 @@ class _Row:
         config = request.config
         self.request = request
         context = read(engine.network, engine.tokenizer, request.prompt)
-        request.prompt_tokens = len(engine.tokenizer.encode(request.prompt))
+        request.prompt_tokens = context.tokens  # read() encoded it: not a second time
         self.state = engine.to_row_state(context.hidden)
         self.last = context.logits.float().cpu().numpy()[None, :]  # (1, V)
         self.picker = Picker(config, make_generator(config.seed), engine.tokenizer, 1, context.history)
