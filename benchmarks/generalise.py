@@ -70,16 +70,19 @@ def split_corpus(text: str, directory: Path) -> dict[str, Path]:
     return paths
 
 
-def charlm_eval(run: Path, data: Path) -> dict:
-    """``charlm eval RUN --data FILE --json --dynamic``: the static and the dynamic figures."""
+def charlm_eval(run: Path, data: Path, dynamic: bool = True) -> dict:
+    """``charlm eval RUN --data FILE --json [--dynamic]``: the static and the dynamic figures."""
     out = subprocess.run(
-        [sys.executable, "-m", "charlm", "eval", str(run), "--data", str(data), "--json", "--dynamic"],
+        [sys.executable, "-m", "charlm", "eval", str(run), "--data", str(data), "--json",
+         *(["--dynamic"] if dynamic else [])],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     return json.loads(out.stdout)
 
 
-def run_charlm(paths: dict[str, Path], budget: float, extra: list[str], work: Path) -> dict:
+def run_charlm(
+    paths: dict[str, Path], budget: float, extra: list[str], work: Path, dynamic: bool = True
+) -> dict:
     """``charlm train`` on the training file for ``budget`` seconds, then ``charlm eval``."""
     run = work / "charlm-run"
     start = time.monotonic()
@@ -90,11 +93,11 @@ def run_charlm(paths: dict[str, Path], budget: float, extra: list[str], work: Pa
     )  # fmt: skip
     wall = time.monotonic() - start
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    scores = {name: charlm_eval(run, paths[name]) for name in ("valid", "test")}
+    scores = {name: charlm_eval(run, paths[name], dynamic) for name in ("valid", "test")}
     best = min(metrics, key=lambda m: m["val_loss"])
     return {
         **{name: s["bpc"] for name, s in scores.items()},
-        "dynamic": {name: s["dynamic"]["bpc"] for name, s in scores.items()},
+        "dynamic": {name: s["dynamic"]["bpc"] for name, s in scores.items() if "dynamic" in s},
         "heldout_bpc": best["val_bpc"], "steps": metrics[-1]["step"], "train_loss": metrics[-1]["train_loss"],
         "heldout_loss": metrics[-1]["val_loss"], "wall_s": round(wall, 1), "args": extra,
     }  # fmt: skip
@@ -218,6 +221,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=600.0, help="training seconds for each system")
     parser.add_argument("--systems", default="reference,charlm", help="which to run, in this order")
     parser.add_argument("--charlm-args", default="", help="extra `charlm train` options (an ablation)")
+    parser.add_argument("--no-dynamic", action="store_true", help="skip dynamic evaluation (minutes)")
     parser.add_argument("--json-out", type=Path, help="also write the JSON here")
     parser.add_argument("--keep", type=Path, help="keep each charlm run as KEEP/CORPUS-NAME")
     args = parser.parse_args()
@@ -246,7 +250,9 @@ def main() -> None:
                 if system == "reference":
                     entry[system] = run_reference(paths, args.budget)
                 else:
-                    entry[system] = run_charlm(paths, args.budget, args.charlm_args.split(), Path(tmp))
+                    entry[system] = run_charlm(
+                        paths, args.budget, args.charlm_args.split(), Path(tmp), not args.no_dynamic
+                    )
                     if args.keep:
                         shutil.copytree(Path(tmp) / "charlm-run", args.keep / name, dirs_exist_ok=True)
                 print(f"  {json.dumps(entry[system])}", file=sys.stderr)
