@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -508,6 +509,10 @@ def _lines(greeting: str) -> Iterator[str]:
         return
     from prompt_toolkit import PromptSession
 
+    # Ctrl-C stops a reply even where the chat was started with SIGINT ignored (a process started
+    # with ``&`` by a non-interactive shell inherits that, and Python then raises no
+    # KeyboardInterrupt): at a terminal, the person typing means it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stderr.print(f"[dim]{escape(greeting)}[/]", highlight=False)
     session: PromptSession[str] = PromptSession()
     while True:
