@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,11 +22,28 @@ from charlm.generation.chat import Conversation
 PROMPT = re.escape("\x1b[?2004h")
 
 
-def spawn(*args: object) -> pexpect.spawn:
+def spawn(*args: object, ignore_sigint: bool = False) -> pexpect.spawn:
     env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm", "COLUMNS": "100"}
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     return pexpect.spawn(
-        sys.executable, ["-m", "charlm", "chat", *map(str, args)], env=env, encoding="utf-8", timeout=60
-    )
+        sys.executable, ["-m", "charlm", "chat", *map(str, args)], env=env, encoding="utf-8", timeout=60,
+        preexec_fn=ignore,
+    )  # fmt: skip
+
+
+def test_ctrl_c_stops_a_reply_even_when_started_with_sigint_ignored(trained_run: Path) -> None:
+    """A background job of a non-interactive shell starts with SIGINT ignored (CI launched so
+    found this): at a terminal the chat takes Ctrl-C back, so it still stops a reply."""
+    talk = spawn(trained_run, "--seed", "1", "--length", "99999", "--stop", "QQQQQQQQQQ", ignore_sigint=True)
+    talk.expect(PROMPT)
+    talk.sendline("Once upon a time")
+    time.sleep(2)
+    talk.sendcontrol("c")
+    talk.expect(PROMPT, timeout=30)
+    talk.sendcontrol("d")
+    talk.expect(pexpect.EOF, timeout=30)
+    talk.close()
+    assert talk.exitstatus == 0
 
 
 def test_chat_in_a_terminal_replies_stops_on_ctrl_c_and_leaves_on_ctrl_d(trained_run: Path) -> None:
