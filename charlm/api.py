@@ -224,7 +224,7 @@ class Model:
 
     def _autocast(self, precision: Precision | str | None) -> torch.dtype | None:
         chosen = Precision(precision) if precision is not None else self.run.config.train.precision
-        return resolve_precision(chosen, self.device)
+        return resolve_precision(chosen, self.device, self.run.config.train.optimizer)
 
     @torch.no_grad()
     def next_token_probs(self, text: str, k: int = 10) -> list[tuple[str, float]]:

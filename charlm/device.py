@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from charlm.config import Precision
+from charlm.config import OptimizerKind, Precision
 from charlm.errors import DeviceError
 
 
@@ -41,16 +41,20 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype | None:
+def resolve_precision(
+    precision: Precision, device: torch.device, optimizer: OptimizerKind = OptimizerKind.adam
+) -> torch.dtype | None:
     """The autocast dtype of the training step, or None for plain fp32.
 
     ``auto`` picks bf16 where the hardware runs it natively (a CUDA GPU with bf16 support, a CPU
-    with AVX-512 bf16 or AMX), fp32 elsewhere.
+    with AVX-512 bf16 or AMX), fp32 elsewhere, and fp32 for plain SGD everywhere: SGD at lr 20
+    hardly learned in bf16 on python-stdlib (5.35 bpc after 10 minutes, against 0.82 in fp32; see
+    the README), while Adam in bf16 scores as it does in fp32, step for step.
 
     Raises:
         DeviceError: bf16 asked for on a CUDA GPU without bf16 support.
     """
-    if precision is Precision.fp32:
+    if precision is Precision.fp32 or (precision is Precision.auto and optimizer is OptimizerKind.sgd):
         return None
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported(including_emulation=False)

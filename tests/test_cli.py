@@ -69,6 +69,21 @@ def test_train_every_cell_and_tokenizer(in_tmp: Path, corpus: Path, options: lis
     assert report["loss"] == pytest.approx(min(r["val_loss"] for r in metrics(in_tmp / "run")), rel=1e-6)
 
 
+@pytest.mark.parametrize(("optimizer", "arithmetic"), [("adam", "bf16"), ("sgd", "fp32")])
+def test_precision_auto_trains_sgd_in_fp32_where_bf16_is_native(
+    in_tmp: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str, arithmetic: str
+) -> None:
+    """SGD hardly learned in bf16 on a 4.5 MB corpus (README), so ``auto`` keeps it in fp32, and
+    ``charlm eval`` scores the run in the arithmetic its training validated in."""
+    monkeypatch.setattr("charlm.device.cpu_has_bf16", lambda: True)
+    result = invoke(
+        "train", corpus, "--out", "run", "--max-steps", "2", "--optimizer", optimizer, *TINY_MODEL
+    )
+    assert result.exit_code == 0, result.output
+    assert f"on cpu in {arithmetic}:" in result.stderr
+    assert json.loads(invoke("eval", "run", "--json").stdout)["precision"] == arithmetic
+
+
 def test_several_corpus_files(in_tmp: Path, corpus: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.txt"
     other.write_text("more text\n" * 200)

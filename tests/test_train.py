@@ -160,7 +160,7 @@ def test_a_bf16_autocast_step_learns_and_keeps_fp32_weights_and_state(softmax: s
 
 def test_precision_auto_uses_bf16_only_where_the_hardware_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from charlm import device as module
-    from charlm.config import Precision
+    from charlm.config import OptimizerKind, Precision
 
     cpu = torch.device("cpu")
     assert module.resolve_precision(Precision.fp32, cpu) is None
@@ -169,3 +169,6 @@ def test_precision_auto_uses_bf16_only_where_the_hardware_has_it(monkeypatch: py
     assert module.resolve_precision(Precision.auto, cpu) is None
     monkeypatch.setattr(module, "cpu_has_bf16", lambda: True)
     assert module.resolve_precision(Precision.auto, cpu) is torch.bfloat16
+    # plain SGD trains in fp32 unless bf16 is asked for by name
+    assert module.resolve_precision(Precision.auto, cpu, OptimizerKind.sgd) is None
+    assert module.resolve_precision(Precision.bf16, cpu, OptimizerKind.sgd) is torch.bfloat16

@@ -260,8 +260,8 @@ def train(
         Precision,
         typer.Option(
             help="Arithmetic of the training step: auto uses bf16 autocast where the hardware runs it "
-            "natively (CUDA with bf16, CPUs with AVX-512 bf16 or AMX), fp32 elsewhere. Validation "
-            "scores in the same precision."
+            "natively (CUDA with bf16, CPUs with AVX-512 bf16 or AMX), fp32 elsewhere and with "
+            "--optimizer sgd. Validation scores in the same precision."
         ),
     ] = TRAIN.precision,
     encoding: Encoding = "utf-8",

@@ -78,7 +78,7 @@ class Trainer:
         self.config = tc = run.config.train
         self.batch = share(tc.batch_size, ranks)  # this rank's streams
         self.device = rank_device(resolve_device(tc.device), ranks)
-        self.autocast = resolve_precision(tc.precision, self.device)
+        self.autocast = resolve_precision(tc.precision, self.device, tc.optimizer)
         self.model = build_model(run.config, train_ids, self.device)  # the same weights on every rank
         self.optimizer = build_optimizer(self.model, tc)
         self.net = distribute(self.model, self.device, ranks, tc.seed)
