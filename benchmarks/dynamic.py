@@ -34,7 +34,7 @@ def main() -> None:
     run = load_run(args.run)
     model = load_model(run, "best")
     text = run.heldout_text()[: args.chars]
-    dtype = resolve_precision(run.config.train.precision, model.device)
+    dtype = resolve_precision(run.config.train.precision, model.device, run.config.train.optimizer)
     static = evaluate_text(model, run.tokenizer, text, dtype).bpc
     print(f"static: {static:.4f} bpc on {len(text):,} held-out characters")
     rows = []

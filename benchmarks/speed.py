@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from charlm.config import ModelConfig, Precision, SampleConfig, TokenizerConfig
+from charlm.config import ModelConfig, OptimizerKind, Precision, SampleConfig, TokenizerConfig
 from charlm.data.tokenizer import train_tokenizer
 from charlm.device import resolve_device, resolve_precision
 from charlm.generation.sampling import generate, make_generator
@@ -119,7 +119,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    autocast = resolve_precision(Precision.auto, device)
+    autocast = resolve_precision(Precision.auto, device, OptimizerKind.adam)  # it times Adam
     torch.manual_seed(0)
     # charlm's real char tokenizer over 65 characters (as tinyshakespeare's): the vocabulary is
     # those plus the 256 byte-fallback pieces and the specials; both sides use its size.

@@ -42,7 +42,7 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_precision(
-    precision: Precision, device: torch.device, optimizer: OptimizerKind = OptimizerKind.adam
+    precision: Precision, device: torch.device, optimizer: OptimizerKind
 ) -> torch.dtype | None:
     """The autocast dtype of the training step, or None for plain fp32.
 

@@ -163,12 +163,13 @@ def test_precision_auto_uses_bf16_only_where_the_hardware_has_it(monkeypatch: py
     from charlm.config import OptimizerKind, Precision
 
     cpu = torch.device("cpu")
-    assert module.resolve_precision(Precision.fp32, cpu) is None
-    assert module.resolve_precision(Precision.bf16, cpu) is torch.bfloat16  # asked for: emulated
+    assert module.resolve_precision(Precision.fp32, cpu, OptimizerKind.adam) is None
+    # asked for by name: emulated where the CPU lacks it
+    assert module.resolve_precision(Precision.bf16, cpu, OptimizerKind.adam) is torch.bfloat16
     monkeypatch.setattr(module, "cpu_has_bf16", lambda: False)
-    assert module.resolve_precision(Precision.auto, cpu) is None
+    assert module.resolve_precision(Precision.auto, cpu, OptimizerKind.adam) is None
     monkeypatch.setattr(module, "cpu_has_bf16", lambda: True)
-    assert module.resolve_precision(Precision.auto, cpu) is torch.bfloat16
+    assert module.resolve_precision(Precision.auto, cpu, OptimizerKind.adam) is torch.bfloat16
     # plain SGD trains in fp32 unless bf16 is asked for by name
     assert module.resolve_precision(Precision.auto, cpu, OptimizerKind.sgd) is None
     assert module.resolve_precision(Precision.bf16, cpu, OptimizerKind.sgd) is torch.bfloat16
