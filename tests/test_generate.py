@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from charlm.config import SampleConfig
-from charlm.generation.sampling import Picker, filter_logits, make_generator
+from charlm.generation.sampling import Picker, filter_logits, make_generator, pick_rows
 
 logit_lists = st.lists(st.floats(-10, 10), min_size=2, max_size=30)
 
@@ -145,3 +146,47 @@ def test_stepper_gives_the_probabilities_of_the_model(
         torch.testing.assert_close(
             torch.softmax(torch.from_numpy(run), -1), torch.softmax(expected[0], -1), atol=5e-4, rtol=0
         )
+
+
+def test_a_product_is_the_same_whatever_rows_share_it() -> None:
+    """The stepper's products: oneDNN's prepacked one (two rows or more) and NumPy's (one row) agree
+    to float rounding, and a row's result does not depend on the rows beside it, bit for bit."""
+    from charlm.model.stepper import Linear
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((96, 40), dtype=np.float32)  # (out, in)
+    bias = rng.standard_normal(96, dtype=np.float32)
+    linear = Linear(weight, bias)
+    x = rng.standard_normal((70, 40), dtype=np.float32)
+    full = linear(x)  # (70, 96)
+    np.testing.assert_allclose(full, x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(linear(x[:1]), full[:1], rtol=1e-5, atol=1e-5)
+    if linear.packed:  # oneDNN is there (it is in PyTorch's x86 and ARM builds)
+        for rows in (2, 3, 17, 33):
+            assert np.array_equal(linear(x[:rows]), full[:rows])
+            assert np.array_equal(linear(x[-rows:]), full[-rows:])
+
+
+controls = st.tuples(
+    st.sampled_from([0.0, 0.5, 1.0, 1.5]),
+    st.sampled_from([0, 1, 4]),
+    st.sampled_from([1.0, 0.8, 0.3]),
+    st.sampled_from([0.0, 0.05, 0.5]),
+)  # temperature, top-k, top-p, min-p
+
+
+@given(st.lists(controls, min_size=1, max_size=10), st.integers(0, 2**31 - 1))
+def test_streams_drawn_together_pick_what_each_would_alone(rows: list[tuple], seed: int) -> None:
+    """A server's streams draw their tokens in one vectorised call per set of controls: the tokens,
+    and the random numbers each stream has used, are what each stream's own picker gives alone."""
+
+    def pickers() -> list[Picker]:
+        return [Picker(SampleConfig(temperature=t, top_k=k, top_p=p, min_p=m), make_generator(seed + i))
+                for i, (t, k, p, m) in enumerate(rows)]  # fmt: skip
+
+    together, alone = pickers(), pickers()
+    rng = np.random.default_rng(seed)
+    for _ in range(3):  # several steps: each stream's random numbers go on alike
+        logits = (3 * rng.standard_normal((len(rows), 12))).astype(np.float32)  # (B, V)
+        picked = pick_rows(together, logits, [])
+        assert picked.tolist() == [int(p(logits[i : i + 1])[0]) for i, p in enumerate(alone)]
