@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from charlm.config import SampleConfig
+from charlm.config import Cell, SampleConfig
 from charlm.data.tokenizer import StreamDecoder, Tokenizer
 from charlm.errors import CharlmError
 from charlm.generation.controls import StopMatcher
-from charlm.generation.sampling import TAIL_CHARS, Picker, make_generator, read
+from charlm.generation.sampling import HISTORY_TOKENS, TAIL_CHARS, Picker, make_generator, pick_rows, read
 from charlm.model.network import RNNLM
 from charlm.model.stepper import Stepper
 
@@ -66,20 +66,41 @@ class Request:
     completion_tokens: int = 0
 
 
+# A prompt of up to this many tokens is read as rows of the batched steps, one token a step,
+# beside the streams being generated (which a prompt read at once by the module would stall for
+# its 5 ms set-up); a longer one is read at once, between steps.
+PREFILL_TOKENS = 64
+
+
 class _Row:
-    """A request being generated: its recurrent state, next-token scores and sampling state."""
+    """A request being generated: its recurrent state, next-token scores and sampling state.
+
+    A short prompt is not read here: its tokens wait in ``pending`` and go through the batched
+    step one a step, and ``last`` (the scores) is set when the last of them has gone through.
+    """
 
     def __init__(self, request: Request, engine: Engine) -> None:
         config = request.config
+        tokenizer = engine.tokenizer
         self.request = request
-        context = read(engine.network, engine.tokenizer, request.prompt)
-        request.prompt_tokens = context.tokens  # read() encoded it: not a second time
-        self.state = engine.to_row_state(context.hidden)
-        self.last = context.logits.float().cpu().numpy()[None, :]  # (1, V)
-        self.picker = Picker(config, make_generator(config.seed), engine.tokenizer, 1, context.history)
-        self.decoder = StreamDecoder(engine.tokenizer)
+        ids = [tokenizer.newline_id, *tokenizer.encode(request.prompt)]  # start of text, as read() does
+        request.prompt_tokens = len(ids) - 1
+        self.pending: list[int] = []
+        # Its state and scores are its own until it is first advanced; from then on on the CPU they
+        # are row ``slot`` of the engine's batch (see Engine._advance).
+        self.last: np.ndarray | None = None  # (1, V)
+        self.slot: int | None = None
+        if engine.stepper is not None and len(ids) <= PREFILL_TOKENS:
+            self.pending = ids
+            self.state = _parts(engine.stepper.zero_state(1))
+        else:
+            context = read(engine.network, tokenizer, request.prompt)
+            self.state = engine.to_row_state(context.hidden)
+            self.last = context.logits.float().cpu().numpy()[None, :]
+        self.picker = Picker(config, make_generator(config.seed), tokenizer, 1, ids[-HISTORY_TOKENS:])
+        self.decoder = StreamDecoder(tokenizer)
         self.stop = StopMatcher(config.stop, config.include_stop)
-        self.tail = context.tail
+        self.tail = request.prompt[-TAIL_CHARS:]
         self.done = False
 
 
@@ -99,6 +120,9 @@ class Engine:
         self._running = False
         self._thread: threading.Thread | None = None
         self._out: dict[asyncio.AbstractEventLoop, list] = {}  # this step's pieces, by event loop
+        # On the CPU, the state (flat: see _parts) and scores of the rows of the last step, in order
+        self._batch: list[np.ndarray] = []
+        self._logits = np.zeros((0, 0), np.float32)
         self.steps = 0
 
     @property
@@ -145,7 +169,7 @@ class Engine:
         """A row's state from the model's (layers, 1, H) hidden state: the stepper's layout on the
         CPU, the tensors themselves elsewhere."""
         if self.stepper is not None:
-            return self.stepper.state_from(hidden)
+            return _parts(self.stepper.state_from(hidden))
         return list(hidden) if isinstance(hidden, tuple) else [hidden]
 
     def _loop(self) -> None:
@@ -195,20 +219,24 @@ class Engine:
             loop.call_soon_threadsafe(_deliver, items)
 
     def _step(self, rows: list[_Row]) -> None:
-        """Pick a token for every row, emit its text, drop finished rows, advance the rest."""
-        unk = self.tokenizer.unk_id
-        ids = []
-        for row in rows:
-            row.last[:, unk] = -math.inf  # no text encodes to it (byte fallback)
-            ids.append(int(row.picker(row.last, [row.tail] if row.picker.ban is not None else [])[0]))
-        going = []
-        for row, token in zip(rows, ids, strict=True):
+        """Pick a token for every row that has read its prompt, emit its text, drop finished rows,
+        advance the rest (and the prompts still being read) in one batched step."""
+        going: list[tuple[_Row, int]] = []
+        reading = [row for row in rows if row.pending]
+        picking = [row for row in rows if not row.pending]
+        ids: list[int] = []
+        if picking:
+            logits = self._scores(picking)  # (B, V), a copy
+            logits[:, self.tokenizer.unk_id] = -math.inf  # no text encodes to it (byte fallback)
+            tails = [row.tail for row in picking] if any(row.picker.ban for row in picking) else []
+            ids = pick_rows([row.picker for row in picking], logits, tails)
+        for row, token in zip(picking, ids, strict=True):
             request = row.request
             if request.cancelled.is_set():
                 row.done = True
                 continue
             request.completion_tokens += 1
-            text = row.decoder.push(token)
+            text = row.decoder.push(int(token))
             if text:
                 row.tail = (row.tail + text)[-TAIL_CHARS:]
                 shown = row.stop.push(text)
@@ -224,7 +252,12 @@ class Engine:
                 self._send(request, "", "length")
                 row.done = True
             else:
-                going.append((row, token))
+                going.append((row, int(token)))
+        for row in reading:
+            if row.request.cancelled.is_set():
+                row.done = True
+            else:
+                going.append((row, row.pending.pop(0)))
         self._flush()
         with self._lock:
             self._rows = [r for r in self._rows if not r.done]
@@ -232,26 +265,33 @@ class Engine:
             self._advance(going)
         self.steps += 1
 
+    def _scores(self, rows: list[_Row]) -> np.ndarray:
+        """The next-token scores (B, V) of ``rows``, a new array."""
+        if self.stepper is not None and all(row.slot is not None for row in rows):
+            return self._logits[[row.slot for row in rows]]
+        return np.concatenate([self._logits[row.slot : row.slot + 1] if row.slot is not None else row.last
+                               for row in rows])  # fmt: skip
+
     def _advance(self, going: list[tuple[_Row, int]]) -> None:
         """One batched recurrent step of the rows that go on, with the tokens just picked."""
         rows = [row for row, _ in going]
         tokens = np.array([token for _, token in going])
         if self.stepper is not None:
-            layers = len(rows[0].state)
-            if isinstance(rows[0].state[0], tuple):  # LSTM: (h, c) per layer, each (1, H)
+            # The state of the rows as one batch: last step's arrays as they are while the same
+            # rows go on in the same order (most steps), else gathered row by row.
+            slots = [row.slot for row in rows]
+            if slots != list(range(len(self._batch[0]) if self._batch else 0)):
                 state = [
-                    tuple(np.concatenate([r.state[i][j] for r in rows]) for j in (0, 1))
-                    for i in range(layers)
-                ]
+                    np.concatenate([part[r.slot : r.slot + 1] if r.slot is not None else r.state[j]
+                                    for r in rows])
+                    for j, part in enumerate(self._batch or rows[0].state)
+                ]  # fmt: skip
             else:
-                state = [np.concatenate([r.state[i] for r in rows]) for i in range(layers)]
-            logits, new = self.stepper.step(tokens, state)  # (B, V)
+                state = self._batch
+            logits, new = self.stepper.step(tokens, _nested(state, self.stepper))  # (B, V)
+            self._batch, self._logits = _parts(new), logits
             for b, row in enumerate(rows):
-                row.state = [
-                    tuple(part[b : b + 1] for part in s) if isinstance(s, tuple) else s[b : b + 1]
-                    for s in new
-                ]
-                row.last = logits[b : b + 1]
+                row.slot, row.state, row.last = b, [], None
             return
         device = self.network.device
         hidden = [torch.cat([r.state[j] for r in rows], 1) for j in range(len(rows[0].state))]
@@ -262,3 +302,15 @@ class Engine:
         for b, row in enumerate(rows):
             row.state = [p[:, b : b + 1] for p in parts]
             row.last = scores[b : b + 1]
+
+
+def _parts(state: list) -> list[np.ndarray]:
+    """A :class:`Stepper` state as a flat list of (B, H) arrays: h, c of each layer (LSTM), or h."""
+    return [a for layer in state for a in (layer if isinstance(layer, tuple) else (layer,))]
+
+
+def _nested(parts: list[np.ndarray], stepper: Stepper) -> list:
+    """:func:`_parts` undone."""
+    if stepper.cell is Cell.lstm:
+        return [(parts[2 * i], parts[2 * i + 1]) for i in range(stepper.layers)]
+    return list(parts)
