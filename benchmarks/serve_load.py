@@ -1,14 +1,18 @@
 """``charlm serve`` under load: 1, 8, 32 and 128 concurrent streaming clients, on loopback.
 
-    python benchmarks/serve_load.py [--concurrency 1,8,32,128] [--tokens 200] [--hidden 512]
+    python benchmarks/serve_load.py [--concurrency 1,8,32,128] [--tokens 200] [--seconds 4]
+                                    [--rounds 3] [--hidden 512]
 
 Trains a run of the default model shape (2 layers, ``--hidden`` units) for one step on CPython's own
 documentation (the weights do not change the cost), starts ``charlm serve`` on a free loopback
-port, and for each concurrency runs that many streaming ``/v1/completions`` clients at once (one
-request of ``--tokens`` tokens each, bounded: every client ends). Per level it reports the
-aggregate tokens/s (all tokens over the wall time), the p50/p99 time to first token and
-inter-token latency (gaps between a stream's chunks), and the server's resident memory per stream
-(its RSS at the busiest level over its idle RSS, per stream). Prints a table and one JSON object.
+port, and for each concurrency runs that many streaming ``/v1/completions`` clients at once, each
+sending requests of ``--tokens`` tokens one after another until ``--seconds`` have passed (the
+request under way is finished: bounded in requests and time), so streams join and leave the batch
+all along. The levels are run ``--rounds`` times, interleaved, and each figure is the median over
+the rounds: the aggregate tokens/s (all tokens over the wall time), the p50/p99 time to first
+token and inter-token latency (gaps between a stream's chunks), and the server's resident memory
+per stream (its peak RSS at that level over its peak with one stream, per extra stream). Prints a
+table and one JSON object.
 
 The clients run in this process (one asyncio loop, httpx) on the same 2-core CPU as the server:
 they take a share of it, as real clients on the same machine would.
@@ -21,6 +25,7 @@ import asyncio
 import itertools
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,7 +78,9 @@ async def one_stream(
     return (arrivals[0] - start if arrivals else float("nan")), gaps, tokens if finish == "length" else 0
 
 
-async def level(url: str, model: str, clients: int, tokens: int, pid: int) -> dict[str, float]:
+async def level(
+    url: str, model: str, clients: int, tokens: int, seconds: float, pid: int
+) -> dict[str, float]:
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         peak = [rss_mb(pid)]
@@ -83,9 +90,15 @@ async def level(url: str, model: str, clients: int, tokens: int, pid: int) -> di
                 peak.append(rss_mb(pid))
                 await asyncio.sleep(0.2)
 
+        async def user(index: int) -> list[tuple[float, list[float], int]]:
+            done = []
+            while not done or time.perf_counter() - start < seconds:
+                done.append(await one_stream(client, url, model, tokens, 1000 * index + len(done)))
+            return done
+
         watcher = asyncio.create_task(watch())
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, url, model, tokens, s) for s in range(clients)))
+        results = [r for rs in await asyncio.gather(*(user(i) for i in range(clients))) for r in rs]
         wall = time.perf_counter() - start
         watcher.cancel()
     ttft = [r[0] for r in results]
@@ -93,6 +106,7 @@ async def level(url: str, model: str, clients: int, tokens: int, pid: int) -> di
     total = sum(r[2] for r in results)
     return {
         "clients": clients,
+        "requests": len(results),
         "tokens": total,
         "seconds": round(wall, 2),
         "tokens_per_s": round(total / wall, 1),
@@ -104,12 +118,21 @@ async def level(url: str, model: str, clients: int, tokens: int, pid: int) -> di
     }
 
 
+def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the rounds of one level."""
+    return {key: round(statistics.median(r[key] for r in rounds), 2) for key in rounds[0]} | {
+        "clients": rounds[0]["clients"]
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--concurrency", default="1,8,32,128")
     parser.add_argument("--tokens", type=int, default=200, help="tokens per request")
+    parser.add_argument("--seconds", type=float, default=4.0, help="how long each level sends requests")
+    parser.add_argument("--rounds", type=int, default=3, help="times each level is run (medians)")
     parser.add_argument("--hidden", type=int, default=512)
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -132,24 +155,34 @@ def main() -> None:
                 except httpx.HTTPError:
                     time.sleep(0.2)
             url = f"http://127.0.0.1:{port}/v1/completions"
-            asyncio.run(level(url, run.name, 2, 20, server.pid))  # warm-up
+            asyncio.run(level(url, run.name, 2, 20, 0.5, server.pid))  # warm-up
             idle = rss_mb(server.pid)
-            results = [asyncio.run(level(url, run.name, c, args.tokens, server.pid)) for c in levels]
+            rounds: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
+            for _ in range(args.rounds):
+                for c in levels:
+                    figures = level(url, run.name, c, args.tokens, args.seconds, server.pid)
+                    rounds[c].append(asyncio.run(figures))
+            results = [median_of(rounds[c]) for c in levels]
         finally:
             server.terminate()
             server.wait(timeout=30)
     one = results[0]["tokens_per_s"]
     for r in results:
         r["vs_one_stream"] = round(r["tokens_per_s"] / one, 2)
-        r["rss_per_stream_kb"] = round(1024 * (r["rss_peak_mb"] - idle) / r["clients"], 1)
-    print(f"2x{args.hidden} LSTM, {args.tokens} tokens per request, server idle RSS {idle:.0f} MB")
+        # what one more stream costs: the peak RSS over the one-stream level's, per extra stream
+        extra = r["clients"] - results[0]["clients"]
+        grown = r["rss_peak_mb"] - results[0]["rss_peak_mb"]
+        r["rss_per_stream_kb"] = round(1024 * grown / extra, 1) if extra else 0
+    print(f"2x{args.hidden} LSTM, {args.tokens} tokens per request, medians of {args.rounds} rounds of "
+          f"{args.seconds:g} s, server idle RSS {idle:.0f} MB")  # fmt: skip
     columns = ("clients", "tokens/s", "x one", "TTFT p50 ms", "p99", "ITL p50 ms", "p99", "KB/stream")
     print("  ".join(f"{c:>11}" for c in columns))
     for r in results:
         row = (r["clients"], f"{r['tokens_per_s']:,.0f}", f"{r['vs_one_stream']:.2f}", r["ttft_p50_ms"],
                r["ttft_p99_ms"], r["itl_p50_ms"], r["itl_p99_ms"], r["rss_per_stream_kb"])  # fmt: skip
         print("  ".join(f"{v!s:>11}" for v in row))
-    summary = {"hidden": args.hidden, "tokens": args.tokens, "idle_rss_mb": round(idle, 1), "levels": results}
+    summary = {"hidden": args.hidden, "tokens": args.tokens, "seconds": args.seconds, "rounds": args.rounds,
+               "idle_rss_mb": round(idle, 1), "levels": results, "all_rounds": rounds}  # fmt: skip
     print(json.dumps(summary))
 
 
