@@ -14,8 +14,11 @@ token and inter-token latency (gaps between a stream's chunks), and the server's
 per stream (its peak RSS at that level over its peak with one stream, per extra stream). Prints a
 table and one JSON object.
 
-The clients run in this process (one asyncio loop, httpx) on the same 2-core CPU as the server:
-they take a share of it, as real clients on the same machine would.
+The clients run in this process (one asyncio loop, aiohttp, its connections kept alive) on the same
+2-core CPU as the server: they take a share of it, as real clients on the same machine would.
+(httpx, the first choice, held a kept-alive connection's next request back until the server's
+keep-alive timeout closed it, 5 s, once 128 streams ran at once: the server never saw the request
+before; aiohttp does not.)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 import charlm
@@ -59,7 +63,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_stream(
-    client: httpx.AsyncClient, url: str, model: str, tokens: int, seed: int
+    client: aiohttp.ClientSession, url: str, model: str, tokens: int, seed: int
 ) -> tuple[float, list[float], int]:
     """(time to first token, gaps between the stream's chunks, tokens) of one streaming request. A
     chunk may carry several tokens when the server is busy; every request here runs to
@@ -67,9 +71,9 @@ async def one_stream(
     body = {"model": model, "prompt": "The ", "max_tokens": tokens, "stream": True, "seed": seed}
     start = time.perf_counter()
     arrivals, finish = [], None
-    async with client.stream("POST", url, json=body) as reply:
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: {"):
+    async with client.post(url, json=body) as reply:
+        async for line in reply.content:  # lines, b"\n" included
+            if not line.startswith(b"data: {"):
                 continue
             arrivals.append(time.perf_counter())
             for choice in json.loads(line[6:])["choices"]:
@@ -81,8 +85,8 @@ async def one_stream(
 async def level(
     url: str, model: str, clients: int, tokens: int, seconds: float, pid: int
 ) -> dict[str, float]:
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as client:
         peak = [rss_mb(pid)]
 
         async def watch() -> None:
