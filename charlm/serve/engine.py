@@ -3,9 +3,10 @@
 A recurrent model's state is a few kilobytes per stream and does not grow with the text, so one
 thread advances every stream at once: each step it picks the next token of every row (each row
 with its own sampling controls and random generator, the same code as ``charlm sample``), drops
-the rows that have finished or whose client has gone, admits the rows that have arrived (their
-prompts read in windows), and advances the rest in one batched recurrent step. No KV cache, no
-padding: rows join and leave at any step.
+the rows that have finished or whose client has gone, admits the rows that have arrived, and
+advances the rest in one batched recurrent step. A short prompt is read through the same steps,
+a token a step, beside the streams being generated. No KV cache, no padding: rows join and leave
+at any step.
 """
 
 from __future__ import annotations
