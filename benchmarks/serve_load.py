@@ -1,7 +1,7 @@
 """``charlm serve`` under load: 1, 8, 32 and 128 concurrent streaming clients, on loopback.
 
     python benchmarks/serve_load.py [--concurrency 1,8,32,128] [--tokens 200] [--seconds 4]
-                                    [--rounds 3] [--hidden 512]
+                                    [--rounds 3] [--hidden 512] [--prompt "The "]
 
 Trains a run of the default model shape (2 layers, ``--hidden`` units) for one step on CPython's own
 documentation (the weights do not change the cost), starts ``charlm serve`` on a free loopback
@@ -63,12 +63,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_stream(
-    client: aiohttp.ClientSession, url: str, model: str, tokens: int, seed: int
+    client: aiohttp.ClientSession, url: str, model: str, prompt: str, tokens: int, seed: int
 ) -> tuple[float, list[float], int]:
     """(time to first token, gaps between the stream's chunks, tokens) of one streaming request. A
     chunk may carry several tokens when the server is busy; every request here runs to
     ``max_tokens`` (no stop string), which is its token count, checked by its finish reason."""
-    body = {"model": model, "prompt": "The ", "max_tokens": tokens, "stream": True, "seed": seed}
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "stream": True, "seed": seed}
     start = time.perf_counter()
     arrivals, finish = [], None
     async with client.post(url, json=body) as reply:
@@ -83,7 +83,7 @@ async def one_stream(
 
 
 async def level(
-    url: str, model: str, clients: int, tokens: int, seconds: float, pid: int
+    url: str, model: str, prompt: str, clients: int, tokens: int, seconds: float, pid: int
 ) -> dict[str, float]:
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as client:
@@ -97,7 +97,7 @@ async def level(
         async def user(index: int) -> list[tuple[float, list[float], int]]:
             done = []
             while not done or time.perf_counter() - start < seconds:
-                done.append(await one_stream(client, url, model, tokens, 1000 * index + len(done)))
+                done.append(await one_stream(client, url, model, prompt, tokens, 1000 * index + len(done)))
             return done
 
         watcher = asyncio.create_task(watch())
@@ -111,6 +111,7 @@ async def level(
     return {
         "clients": clients,
         "requests": len(results),
+        "failed": sum(1 for r in results if not r[2]),  # no tokens, or not to max_tokens: counted as 0
         "tokens": total,
         "seconds": round(wall, 2),
         "tokens_per_s": round(total / wall, 1),
@@ -138,8 +139,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="how long each level sends requests")
     parser.add_argument("--rounds", type=int, default=3, help="times each level is run (medians)")
     parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--prompt", default="The ", help="every request's prompt")
     args = parser.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = sorted(int(c) for c in args.concurrency.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "pydoc.txt"
         corpus.write_text(builtin_corpus(), encoding="utf-8")
@@ -159,12 +161,12 @@ def main() -> None:
                 except httpx.HTTPError:
                     time.sleep(0.2)
             url = f"http://127.0.0.1:{port}/v1/completions"
-            asyncio.run(level(url, run.name, 2, 20, 0.5, server.pid))  # warm-up
+            asyncio.run(level(url, run.name, args.prompt, 2, 20, 0.5, server.pid))  # warm-up
             idle = rss_mb(server.pid)
             rounds: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
             for _ in range(args.rounds):
                 for c in levels:
-                    figures = level(url, run.name, c, args.tokens, args.seconds, server.pid)
+                    figures = level(url, run.name, args.prompt, c, args.tokens, args.seconds, server.pid)
                     rounds[c].append(asyncio.run(figures))
             results = [median_of(rounds[c]) for c in levels]
         finally:
@@ -185,6 +187,9 @@ def main() -> None:
         row = (r["clients"], f"{r['tokens_per_s']:,.0f}", f"{r['vs_one_stream']:.2f}", r["ttft_p50_ms"],
                r["ttft_p99_ms"], r["itl_p50_ms"], r["itl_p99_ms"], r["rss_per_stream_kb"])  # fmt: skip
         print("  ".join(f"{v!s:>11}" for v in row))
+    for r in results:
+        if r["failed"]:
+            print(f"warning: {r['failed']:g} requests at {r['clients']} clients did not run to max_tokens")
     summary = {"hidden": args.hidden, "tokens": args.tokens, "seconds": args.seconds, "rounds": args.rounds,
                "idle_rss_mb": round(idle, 1), "levels": results, "all_rounds": rounds}  # fmt: skip
     print(json.dumps(summary))

@@ -123,15 +123,17 @@ def test_concurrent_streams_are_rows_of_one_step(server: Running) -> None:
 
 
 def test_a_stream_gets_the_same_text_alone_and_among_others(server: Running, trained_run: Path) -> None:
-    """Prompts short enough to be read as rows of the batched step and one read at once both give
-    charlm sample's text for the seed, alone and while seven other streams share the steps."""
+    """A prompt read as rows of the batched steps and one read at once both give charlm sample's
+    text for the seed, and eight streams sharing the steps each get the text they get alone."""
     from charlm.serve.engine import PREFILL_TOKENS
 
     client = server.client()
-    long_prompt = "The " * PREFILL_TOKENS  # more tokens than are read in the batch
-    printed = invoke("sample", trained_run, "--prime", long_prompt, "--length=30", "--seed=5", "--temp=1")
-    text = client.completions.create(model="tiny", prompt=long_prompt, max_tokens=30, seed=5).choices[0].text
-    assert printed.stdout == long_prompt + text + ("" if text.endswith("\n") else "\n")
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 12
+    assert len(server.engine.tokenizer.encode(long_prompt)) > PREFILL_TOKENS  # read at once
+    for prompt in (long_prompt, "def f"):
+        printed = invoke("sample", trained_run, "--prime", prompt, "--length=30", "--seed=5", "--temp=1")
+        text = client.completions.create(model="tiny", prompt=prompt, max_tokens=30, seed=5).choices[0].text
+        assert printed.stdout == prompt + text + ("" if text.endswith("\n") else "\n")
     prompts = [long_prompt, "a", "", "The cat", "xyz", "The ", long_prompt, "q"]
     expected = [client.completions.create(model="tiny", prompt=p, max_tokens=50, seed=i).choices[0].text
                 for i, p in enumerate(prompts)]  # fmt: skip
@@ -142,12 +144,14 @@ def test_a_stream_gets_the_same_text_alone_and_among_others(server: Running, tra
                                            stream=True)  # fmt: skip
         texts[i] = "".join(c.choices[0].text for c in stream)
 
+    before = server.engine.steps
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
     assert [texts[i] for i in range(len(prompts))] == expected
+    assert server.engine.steps - before < 8 * 50 * 0.6  # the streams shared steps
 
 
 def test_bad_requests_get_openai_errors_never_500(server: Running) -> None:

@@ -82,7 +82,7 @@ class Linear:
         if self._packed is None or x.shape[0] == 1:
             return self._numpy(x)
         packed, bias = self._packed
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return out.numpy()
 

@@ -76,8 +76,9 @@ PREFILL_TOKENS = 64
 class _Row:
     """A request being generated: its recurrent state, next-token scores and sampling state.
 
-    A short prompt is not read here: its tokens wait in ``pending`` and go through the batched
-    step one a step, and ``last`` (the scores) is set when the last of them has gone through.
+    A short prompt is not read here: its tokens (after the start-of-text newline) wait in
+    ``pending`` and go through the batched steps one a step; its first token is picked from the
+    scores after the last of them.
     """
 
     def __init__(self, request: Request, engine: Engine) -> None:
@@ -91,7 +92,7 @@ class _Row:
         # are row ``slot`` of the engine's batch (see Engine._advance).
         self.last: np.ndarray | None = None  # (1, V)
         self.slot: int | None = None
-        if engine.stepper is not None and len(ids) <= PREFILL_TOKENS:
+        if engine.stepper is not None and request.prompt_tokens <= PREFILL_TOKENS:
             self.pending = ids
             self.state = _parts(engine.stepper.zero_state(1))
         else:
