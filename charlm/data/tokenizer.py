@@ -97,9 +97,11 @@ class Tokenizer:
 
     def _encode_batch(self, pieces: list[str]) -> Iterator[np.ndarray]:
         # A batch call costs 0.1 ms before any work (its thread pool): a short prompt alone, directly.
-        batches = [self._sp.encode(pieces[0])] if len(pieces) == 1 else self._sp.encode(pieces, num_threads=0)
-        for ids in batches if pieces else []:
-            yield np.array(ids, dtype=np.int32)
+        if len(pieces) == 1:
+            yield np.array(self._sp.encode(pieces[0]), dtype=np.int32)
+        elif pieces:
+            for ids in self._sp.encode(pieces, num_threads=0):
+                yield np.array(ids, dtype=np.int32)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``, exactly what :meth:`encode` was given."""

@@ -159,11 +159,14 @@ class Context:
 
 
 @torch.no_grad()
-def read(model: RNNLM, tokenizer: Tokenizer, text: str, start: Context | None = None) -> Context:
+def read(
+    model: RNNLM, tokenizer: Tokenizer, text: str, start: Context | None = None, ids: list[int] | None = None
+) -> Context:
     """Read ``text`` from a start-of-text context (a newline, as the model was scored), or on from
-    ``start``, ``READ_WINDOW`` tokens per pass: any length in bounded memory."""
+    ``start``, ``READ_WINDOW`` tokens per pass: any length in bounded memory. ``ids``: the text's
+    token ids, where the caller has already encoded it."""
     model.eval()
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(text) if ids is None else ids
     read_tokens = len(ids) + (start.tokens if start is not None else 0)
     if start is None:
         ids = [tokenizer.newline_id, *ids]

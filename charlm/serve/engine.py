@@ -85,8 +85,9 @@ class _Row:
         config = request.config
         tokenizer = engine.tokenizer
         self.request = request
-        ids = [tokenizer.newline_id, *tokenizer.encode(request.prompt)]  # start of text, as read() does
-        request.prompt_tokens = len(ids) - 1
+        prompt = tokenizer.encode(request.prompt)
+        ids = [tokenizer.newline_id, *prompt]  # start of text, as read() does
+        request.prompt_tokens = len(prompt)
         self.pending: list[int] = []
         # Its state and scores are its own until it is first advanced; from then on on the CPU they
         # are row ``slot`` of the engine's batch (see Engine._advance).
@@ -96,7 +97,7 @@ class _Row:
             self.pending = ids
             self.state = _parts(engine.stepper.zero_state(1))
         else:
-            context = read(engine.network, tokenizer, request.prompt)
+            context = read(engine.network, tokenizer, request.prompt, ids=prompt)
             self.state = engine.to_row_state(context.hidden)
             self.last = context.logits.float().cpu().numpy()[None, :]
         self.picker = Picker(config, make_generator(config.seed), tokenizer, 1, ids[-HISTORY_TOKENS:])
@@ -269,7 +270,7 @@ class Engine:
 
     def _scores(self, rows: list[_Row]) -> np.ndarray:
         """The next-token scores (B, V) of ``rows``, a new array."""
-        if self.stepper is not None and all(row.slot is not None for row in rows):
+        if all(row.slot is not None for row in rows):  # (slots are the CPU's alone)
             return self._logits[[row.slot for row in rows]]
         return np.concatenate([self._logits[row.slot : row.slot + 1] if row.slot is not None else row.last
                                for row in rows])  # fmt: skip
