@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import pytest
 import uvicorn
 
 import charlm
-from charlm.serve.app import Limits, create_app
+from charlm.serve.app import STREAM_INTERVAL, Limits, create_app
 from charlm.serve.engine import Engine
 from tests.conftest import invoke
 
@@ -35,13 +36,18 @@ class Running:
     """A server in a thread of this process, on a free loopback port."""
 
     def __init__(
-        self, run: Path, api_key: str | None = None, max_rows: int = 64, limits: Limits | None = None
+        self,
+        run: Path,
+        api_key: str | None = None,
+        max_rows: int = 64,
+        limits: Limits | None = None,
+        stream_interval: float = STREAM_INTERVAL,
     ):
         model = charlm.load(run, device="cpu")
         self.engine = Engine(model.network, model.run.tokenizer, max_rows)
         self.engine.start()
         self.port = free_port()
-        app = create_app({"tiny": self.engine}, api_key, limits)
+        app = create_app({"tiny": self.engine}, api_key, limits, stream_interval)
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         )
@@ -120,6 +126,32 @@ def test_concurrent_streams_are_rows_of_one_step(server: Running) -> None:
         t.join(timeout=60)
     assert len(results) == 8
     assert server.engine.steps - before < 8 * 100 * 0.6  # rows shared steps
+
+
+def test_a_stream_sends_what_it_has_at_most_every_interval(trained_run: Path) -> None:
+    """A chunk per interval, not per token: the text is the same as unstreamed, in a few chunks at
+    least an interval apart; and a client that goes away mid-wait frees its row at once, not at
+    the next write."""
+    running = Running(trained_run, stream_interval=0.25)
+    try:
+        client = running.client()
+        whole = client.completions.create(model="tiny", prompt="x", max_tokens=300, seed=2).choices[0].text
+        arrivals, texts = [], []
+        for chunk in client.completions.create(model="tiny", prompt="x", max_tokens=300, seed=2, stream=True):
+            arrivals.append(time.perf_counter())
+            texts.append(chunk.choices[0].text)
+        assert "".join(texts) == whole
+        assert len(arrivals) < 300 / 4  # pieces went out together
+        assert all(b - a > 0.2 for a, b in itertools.pairwise(arrivals))
+        stream = client.completions.create(model="tiny", prompt="a", max_tokens=4000, stream=True)
+        next(iter(stream))  # the first chunk goes out at once; the next waits 0.25 s
+        stream.close()
+        start = time.perf_counter()
+        while running.engine.active and time.perf_counter() - start < 10:
+            time.sleep(0.01)
+        assert running.engine.active == 0 and time.perf_counter() - start < 0.2
+    finally:
+        running.close()
 
 
 def test_a_stream_gets_the_same_text_alone_and_among_others(server: Running, trained_run: Path) -> None:
