@@ -11,8 +11,11 @@ request under way is finished: bounded in requests and time), so streams join an
 all along. The levels are run ``--rounds`` times, interleaved, and each figure is the median over
 the rounds: the aggregate tokens/s (all tokens over the wall time), the p50/p99 time to first
 token and inter-token latency (gaps between a stream's chunks), and the server's resident memory
-per stream (its peak RSS at that level over its peak with one stream, per extra stream). Prints a
-table and one JSON object.
+per stream (its peak RSS at that level over its peak with one stream, per extra stream). Then the
+same levels without HTTP: the server's :class:`~charlm.serve.engine.Engine` in this process, that
+many streams of ``--tokens`` at once for ``--seconds``, so the table shows what the batched step
+itself allows (the server's tokens/s can only come near it, not above) and what the HTTP layer
+costs. Prints a table and one JSON object.
 
 The clients run in this process (one asyncio loop, aiohttp, its connections kept alive) on the same
 2-core CPU as the server: they take a share of it, as real clients on the same machine would.
@@ -32,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +43,9 @@ import aiohttp
 import httpx
 
 import charlm
+from charlm.config import SampleConfig
 from charlm.data.prepare import builtin_corpus
+from charlm.serve.engine import Engine, Request
 
 
 def free_port() -> int:
@@ -123,6 +129,35 @@ async def level(
     }
 
 
+def engine_alone(run: Path, clients: int, tokens: int, seconds: float) -> float:
+    """Tokens/s of the server's engine with no HTTP: ``clients`` streams of ``tokens`` at once,
+    each replaced as it finishes, for ``seconds`` (the streams under way are finished)."""
+    model = charlm.load(run, device="cpu")
+    engine = Engine(model.network, model.run.tokenizer, 2 * clients)  # a finished row leaves after it says so
+    finished = threading.Semaphore(0)
+
+    def request(seed: int) -> Request:
+        return Request("The ", SampleConfig(length=tokens, seed=seed),
+                       lambda piece, finish: finish is None or finished.release())  # fmt: skip
+
+    engine.start()
+    try:
+        engine.submit([request(i) for i in range(clients)])  # warm-up round
+        for _ in range(clients):
+            finished.acquire()
+        start, sent = time.perf_counter(), 0
+        engine.submit([request(i) for i in range(clients)])
+        while time.perf_counter() - start < seconds:
+            finished.acquire()
+            sent += 1
+            engine.submit([request(clients + sent)])
+        for _ in range(clients):
+            finished.acquire()
+        return (sent + clients) * tokens / (time.perf_counter() - start)
+    finally:
+        engine.stop()
+
+
 def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
     """Each figure's median over the rounds of one level."""
     return {key: round(statistics.median(r[key] for r in rounds), 2) for key in rounds[0]} | {
@@ -172,20 +207,26 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
+        for r in results:  # one process at a time: the server has ended
+            alone = [engine_alone(run, r["clients"], args.tokens, args.seconds) for _ in range(args.rounds)]
+            r["engine_tokens_per_s"] = round(statistics.median(alone), 1)
     one = results[0]["tokens_per_s"]
     for r in results:
         r["vs_one_stream"] = round(r["tokens_per_s"] / one, 2)
+        r["engine_vs_one_stream"] = round(r["engine_tokens_per_s"] / results[0]["engine_tokens_per_s"], 2)
         # what one more stream costs: the peak RSS over the one-stream level's, per extra stream
         extra = r["clients"] - results[0]["clients"]
         grown = r["rss_peak_mb"] - results[0]["rss_peak_mb"]
         r["rss_per_stream_kb"] = round(1024 * grown / extra, 1) if extra else 0
     print(f"2x{args.hidden} LSTM, {args.tokens} tokens per request, medians of {args.rounds} rounds of "
           f"{args.seconds:g} s, server idle RSS {idle:.0f} MB")  # fmt: skip
-    columns = ("clients", "tokens/s", "x one", "TTFT p50 ms", "p99", "ITL p50 ms", "p99", "KB/stream")
+    columns = ("clients", "tokens/s", "x one", "TTFT p50 ms", "p99", "ITL p50 ms", "p99", "KB/stream",
+               "no HTTP", "x one")  # fmt: skip
     print("  ".join(f"{c:>11}" for c in columns))
     for r in results:
         row = (r["clients"], f"{r['tokens_per_s']:,.0f}", f"{r['vs_one_stream']:.2f}", r["ttft_p50_ms"],
-               r["ttft_p99_ms"], r["itl_p50_ms"], r["itl_p99_ms"], r["rss_per_stream_kb"])  # fmt: skip
+               r["ttft_p99_ms"], r["itl_p50_ms"], r["itl_p99_ms"], r["rss_per_stream_kb"],
+               f"{r['engine_tokens_per_s']:,.0f}", f"{r['engine_vs_one_stream']:.2f}")  # fmt: skip
         print("  ".join(f"{v!s:>11}" for v in row))
     for r in results:
         if r["failed"]:
