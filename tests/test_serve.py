@@ -129,22 +129,34 @@ def test_concurrent_streams_are_rows_of_one_step(server: Running) -> None:
 
 
 def test_a_stream_sends_what_it_has_at_most_every_interval(trained_run: Path) -> None:
-    """A chunk per interval, not per token: the text is the same as unstreamed, in a few chunks at
-    least an interval apart; and a client that goes away mid-wait frees its row at once, not at
-    the next write."""
-    running = Running(trained_run, stream_interval=0.25)
+    """A chunk per interval, not per token: the text is the same as unstreamed, in chunks at
+    least an interval apart; the first and the last go out at once (with a 30 s interval, a
+    stream still ends when its text does); and a client that goes away mid-wait frees its row at
+    once, not at the next write."""
+    running = Running(trained_run, stream_interval=0.1)
     try:
         client = running.client()
-        whole = client.completions.create(model="tiny", prompt="x", max_tokens=300, seed=2).choices[0].text
+        whole = client.completions.create(model="tiny", prompt="x", max_tokens=2000, seed=2).choices[0].text
         arrivals, texts = [], []
-        for chunk in client.completions.create(model="tiny", prompt="x", max_tokens=300, seed=2, stream=True):
+        for chunk in client.completions.create(
+            model="tiny", prompt="x", max_tokens=2000, seed=2, stream=True
+        ):
             arrivals.append(time.perf_counter())
             texts.append(chunk.choices[0].text)
         assert "".join(texts) == whole
-        assert len(arrivals) < 300 / 4  # pieces went out together
-        assert all(b - a > 0.2 for a, b in itertools.pairwise(arrivals))
+        assert len(arrivals) < 2000 / 4  # pieces went out together
+        # an interval apart, as the client sees them (half of it: a late read shortens the next gap)
+        assert all(b - a > 0.05 for a, b in itertools.pairwise(arrivals[:-1]))
+    finally:
+        running.close()
+    running = Running(trained_run, stream_interval=30)
+    try:
+        client = running.client()
+        start = time.perf_counter()
+        chunks = list(client.completions.create(model="tiny", prompt="x", max_tokens=2000, stream=True))
+        assert len(chunks) >= 2 and time.perf_counter() - start < 10  # not 30 s
         stream = client.completions.create(model="tiny", prompt="a", max_tokens=4000, stream=True)
-        next(iter(stream))  # the first chunk goes out at once; the next waits 0.25 s
+        next(iter(stream))  # the first chunk goes out at once; the next would wait 30 s
         stream.close()
         start = time.perf_counter()
         while running.engine.active and time.perf_counter() - start < 10:

@@ -4,6 +4,7 @@ per run served. Bad requests get a 4xx with an OpenAI-style JSON error, never a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -98,7 +99,7 @@ def create_app(
         except ApiError as exc:
             return exc.response()
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, str, str | None]] = asyncio.Queue()
+        queue = _Pieces()
         rows = []
         for p, prompt in enumerate(prompts):
             for j in range(n):
@@ -156,6 +157,20 @@ def _usage(rows: list[Request]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+class _Pieces(asyncio.Queue):
+    """A request's (index, piece, finish) items from the engine, and an event set when one ends a
+    choice: a stream waiting out its interval sends that at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended = asyncio.Event()
+
+    def put_nowait(self, item: tuple[int, str, str | None]) -> None:
+        super().put_nowait(item)
+        if item[2] is not None:
+            self.ended.set()
+
+
 async def _collect(queue: asyncio.Queue, count: int) -> tuple[list[str], list[str | None]]:
     texts: list[list[str]] = [[] for _ in range(count)]
     reasons: list[str | None] = [None] * count
@@ -170,12 +185,13 @@ async def _collect(queue: asyncio.Queue, count: int) -> tuple[list[str], list[st
 
 
 async def _events(
-    queue: asyncio.Queue, rows: list[Request], ident: str, created: int, name: str, interval: float
+    queue: _Pieces, rows: list[Request], ident: str, created: int, name: str, interval: float
 ) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them: chunks of text per choice, a last one per choice
     with its finish reason, then ``[DONE]``. A chunk goes out at most every ``interval`` seconds,
     with every piece that is waiting by then (one event per choice, not per token), so a busy
-    server spends its time generating rather than writing to sockets. A client that goes away
+    server spends its time generating rather than writing to sockets; the first chunk, and a
+    choice's last, go out at once (a request is over when its text is). A client that goes away
     frees its rows at the next step (Starlette cancels this generator when uvicorn reports the
     disconnect, even while it waits)."""
     loop = asyncio.get_running_loop()
@@ -184,8 +200,10 @@ async def _events(
         while done < len(rows):
             items = [await queue.get()]
             wait = last + interval - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if wait > 0 and not queue.ended.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(queue.ended.wait(), wait)
+            queue.ended.clear()
             last = loop.time()
             while not queue.empty():
                 items.append(queue.get_nowait())
