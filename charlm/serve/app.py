@@ -54,8 +54,9 @@ class ApiError(Exception):
 
 # A stream's chunks go out at most this often (seconds): what a stream generated in between goes
 # out in one chunk. A chunk costs the server a socket write (the most of its time per chunk under
-# load, measured), so a write per token per stream spent a third of the server's time on writes
-# at 32 streams; 10 ms is below what a reader can see and far under the 50 ms inter-token target.
+# load, measured), so a write per token per stream spent a third of the event loop's busy time on
+# writes at 32 streams; 10 ms is below what a reader can see and far under the 50 ms inter-token
+# target.
 STREAM_INTERVAL = 0.01
 
 
