@@ -4,7 +4,6 @@ per run served. Bad requests get a 4xx with an OpenAI-style JSON error, never a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import time
@@ -159,17 +158,39 @@ def _usage(rows: list[Request]) -> dict[str, int]:
 
 
 class _Pieces(asyncio.Queue):
-    """A request's (index, piece, finish) items from the engine, and an event set when one ends a
-    choice: a stream waiting out its interval sends that at once."""
+    """A request's (index, piece, finish) items from the engine. A stream waiting out its interval
+    (:meth:`nap`) is woken when one ends a choice, so that it sends it at once."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ended = asyncio.Event()
+        self.ended = False  # a choice ended since the stream last sent
+        self._nap: asyncio.Future[None] | None = None
 
     def put_nowait(self, item: tuple[int, str, str | None]) -> None:
         super().put_nowait(item)
         if item[2] is not None:
-            self.ended.set()
+            self.ended = True
+            if self._nap is not None:
+                _settle(self._nap)
+
+    async def nap(self, seconds: float) -> None:
+        """Wait ``seconds``, or until a choice ends (as asyncio.sleep does it: a future and a
+        timer, no task per wait as asyncio.wait_for would make)."""
+        if self.ended:
+            return
+        loop = asyncio.get_running_loop()
+        self._nap = nap = loop.create_future()
+        timer = loop.call_later(seconds, _settle, nap)
+        try:
+            await nap
+        finally:
+            timer.cancel()
+            self._nap = None
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def _collect(queue: asyncio.Queue, count: int) -> tuple[list[str], list[str | None]]:
@@ -201,10 +222,9 @@ async def _events(
         while done < len(rows):
             items = [await queue.get()]
             wait = last + interval - loop.time()
-            if wait > 0 and not queue.ended.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(queue.ended.wait(), wait)
-            queue.ended.clear()
+            if wait > 0:
+                await queue.nap(wait)
+            queue.ended = False
             last = loop.time()
             while not queue.empty():
                 items.append(queue.get_nowait())
