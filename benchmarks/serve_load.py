@@ -129,22 +129,29 @@ async def level(
     }
 
 
-def engine_alone(run: Path, clients: int, tokens: int, seconds: float) -> float:
-    """Tokens/s of the server's engine with no HTTP: ``clients`` streams of ``tokens`` at once,
-    each replaced as it finishes, for ``seconds`` (the streams under way are finished)."""
+def engine_alone(run: Path, prompt: str, clients: int, tokens: int, seconds: float) -> float:
+    """Tokens/s of the server's engine with no HTTP: ``clients`` streams of ``tokens`` at once, each
+    replaced as it finishes, for ``seconds`` (the streams under way are finished); the prompt and
+    temperature (1.0) of the HTTP levels, and, as there, only streams that ran to ``tokens`` count."""
     model = charlm.load(run, device="cpu")
     engine = Engine(model.network, model.run.tokenizer, 2 * clients)  # a finished row leaves after it says so
     finished = threading.Semaphore(0)
+    complete = []
+
+    def end(piece: str, finish: str | None) -> None:
+        if finish is not None:
+            complete.append(finish == "length")
+            finished.release()
 
     def request(seed: int) -> Request:
-        return Request("The ", SampleConfig(length=tokens, seed=seed),
-                       lambda piece, finish: finish is None or finished.release())  # fmt: skip
+        return Request(prompt, SampleConfig(length=tokens, temperature=1.0, seed=seed), end)
 
     engine.start()
     try:
         engine.submit([request(i) for i in range(clients)])  # warm-up round
         for _ in range(clients):
             finished.acquire()
+        complete.clear()
         start, sent = time.perf_counter(), 0
         engine.submit([request(i) for i in range(clients)])
         while time.perf_counter() - start < seconds:
@@ -153,7 +160,7 @@ def engine_alone(run: Path, clients: int, tokens: int, seconds: float) -> float:
             engine.submit([request(clients + sent)])
         for _ in range(clients):
             finished.acquire()
-        return (sent + clients) * tokens / (time.perf_counter() - start)
+        return sum(complete) * tokens / (time.perf_counter() - start)
     finally:
         engine.stop()
 
@@ -208,7 +215,8 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=30)
         for r in results:  # one process at a time: the server has ended
-            alone = [engine_alone(run, r["clients"], args.tokens, args.seconds) for _ in range(args.rounds)]
+            alone = [engine_alone(run, args.prompt, r["clients"], args.tokens, args.seconds)
+                     for _ in range(args.rounds)]  # fmt: skip
             r["engine_tokens_per_s"] = round(statistics.median(alone), 1)
     one = results[0]["tokens_per_s"]
     for r in results:

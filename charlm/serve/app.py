@@ -214,8 +214,10 @@ async def _events(
     with every piece that is waiting by then (one event per choice, not per token), so a busy
     server spends its time generating rather than writing to sockets; the first chunk, and a
     choice's last, go out at once (a request is over when its text is). A client that goes away
-    frees its rows at the next step (Starlette cancels this generator when uvicorn reports the
-    disconnect, even while it waits)."""
+    frees its rows at the next step: Starlette cancels this generator when uvicorn reports the
+    disconnect, even while it waits (Starlette listens for it where the server speaks ASGI 2.3,
+    as uvicorn does; under 2.4 it would notice only at the next write, which
+    test_a_stream_sends_what_it_has_at_most_every_interval catches)."""
     loop = asyncio.get_running_loop()
     done, last = 0, -math.inf
     try:
