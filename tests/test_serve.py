@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import os
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -213,6 +214,42 @@ def test_a_stream_sends_what_it_has_at_most_every_interval(trained_run: Path) ->
         assert running.engine.active == 0 and running.engine.steps - before < 1000
     finally:
         running.close()
+
+
+def test_shutting_down_gives_every_stream_one_finish(trained_run: Path) -> None:
+    """drain() (SIGTERM, Ctrl-C) while rows finish on their own at every step: each stream gets
+    exactly one finish, never a second one from the step under way (with n > 1 a second finish
+    made a stream end before its last choice's text)."""
+    model = charlm.load(trained_run, device="cpu")
+    engine = Engine(model.network, model.run.tokenizer, 256)
+    engine.start()
+    lock, finishes = threading.Lock(), collections.Counter()
+
+    def ends(key: tuple[int, int]) -> Callable[[str, str | None], None]:
+        def emit(piece: str, finish: str | None) -> None:
+            if finish is not None:
+                with lock:
+                    finishes[key] += 1
+
+        return emit
+
+    try:
+        for trial in range(30):
+            keys = [(trial, i) for i in range(24)]
+            engine.submit(
+                [Request("a", SampleConfig(length=1 + i % 7, seed=i), ends(k)) for i, k in enumerate(keys)]
+            )
+            time.sleep(0.0005 * (trial % 6))
+            engine.drain()
+            deadline = time.perf_counter() + 10
+            while time.perf_counter() < deadline and not all(finishes[k] for k in keys):
+                time.sleep(0.001)
+        time.sleep(0.05)  # a late second finish would show now
+        assert len(finishes) == 30 * 24 and set(finishes.values()) == {1}, collections.Counter(
+            finishes.values()
+        )
+    finally:
+        engine.stop()
 
 
 def test_a_stream_gets_the_same_text_alone_and_among_others(server: Running, trained_run: Path) -> None:

@@ -121,6 +121,7 @@ class Engine:
         self._arrived: list[Request] = []
         self._lock = threading.Condition()
         self._running = False
+        self._draining = False  # drain() asked; the engine's thread ends the streams
         self._thread: threading.Thread | None = None
         self._out: dict[asyncio.AbstractEventLoop, list] = {}  # this step's pieces, by event loop
         # On the CPU, the state (flat: see _parts) and scores of the rows of the last step, in order
@@ -151,10 +152,21 @@ class Engine:
         self._thread.start()
 
     def drain(self) -> None:
-        """End every stream now (shutting down): each gets its last piece and a finish reason."""
+        """End every stream now (shutting down): each gets its last piece and a finish reason.
+
+        The engine's thread does it, before its next step: done here, a row that finishes in the
+        step under way would be given a second finish (and a request of n choices could then end
+        before its last choice's text)."""
+        with self._lock:
+            self._draining = True
+            self._lock.notify()
+        if self._thread is None or not self._thread.is_alive():
+            self._end_all()
+
+    def _end_all(self) -> None:
         with self._lock:
             rows, arrived = self._rows, self._arrived
-            self._rows, self._arrived = [], []
+            self._rows, self._arrived, self._draining = [], [], False
         for row in rows:
             row.request.emit("", "stop")
         for request in arrived:
@@ -190,11 +202,17 @@ class Engine:
     def _work(self) -> None:
         while True:
             with self._lock:
-                while self._running and not self._rows and not self._arrived:
+                while self._running and not self._rows and not self._arrived and not self._draining:
                     self._lock.wait()
-                if not self._running:
+                if self._draining:  # first: stop() drains, then ends the thread
+                    arrived = None
+                elif not self._running:
                     return
-                arrived, self._arrived = self._arrived, []
+                else:
+                    arrived, self._arrived = self._arrived, []
+            if arrived is None:
+                self._end_all()
+                continue
             for request in arrived:  # prompts are read here, between steps
                 try:
                     row = _Row(request, self)
