@@ -15,7 +15,8 @@ per stream (its peak RSS at that level over its peak with one stream, per extra 
 same levels without HTTP: the server's :class:`~charlm.serve.engine.Engine` in this process, that
 many streams of ``--tokens`` at once for ``--seconds``, so the table shows what the batched step
 itself allows (the server's tokens/s can only come near it, not above) and what the HTTP layer
-costs. Prints a table and one JSON object.
+costs; and the model's batched step alone (the engine's ``Stepper``, no sampling, no HTTP), whose
+ratio between levels is what this CPU's arithmetic allows. Prints a table and one JSON object.
 
 The clients run in this process (one asyncio loop, aiohttp, its connections kept alive) on the same
 2-core CPU as the server: they take a share of it, as real clients on the same machine would.
@@ -41,10 +42,12 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+import numpy as np
 
 import charlm
 from charlm.config import SampleConfig
 from charlm.data.prepare import builtin_corpus
+from charlm.model.stepper import Stepper
 from charlm.serve.engine import Engine, Request
 
 
@@ -165,6 +168,24 @@ def engine_alone(run: Path, prompt: str, clients: int, tokens: int, seconds: flo
         engine.stop()
 
 
+def step_alone(run: Path, rows: int, calls: int = 300) -> float:
+    """Tokens/s of the model's batched recurrent step alone for ``rows`` streams: the engine's
+    :class:`~charlm.model.stepper.Stepper`, no sampling, no Python per row, no HTTP; the median of
+    ``calls`` steps. Its ratio between levels is what the arithmetic itself allows this CPU."""
+    model = charlm.load(run, device="cpu")
+    stepper = Stepper(model.network)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, model.run.tokenizer.vocab_size, rows)  # (B,)
+    state = stepper.zero_state(rows)
+    times = []
+    for i in range(calls + 20):  # the first 20 warm up
+        start = time.perf_counter()
+        _, state = stepper.step(tokens, state)
+        if i >= 20:
+            times.append(time.perf_counter() - start)
+    return rows / statistics.median(times)
+
+
 def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
     """Each figure's median over the rounds of one level."""
     return {key: round(statistics.median(r[key] for r in rounds), 2) for key in rounds[0]} | {
@@ -218,10 +239,13 @@ def main() -> None:
             alone = [engine_alone(run, args.prompt, r["clients"], args.tokens, args.seconds)
                      for _ in range(args.rounds)]  # fmt: skip
             r["engine_tokens_per_s"] = round(statistics.median(alone), 1)
+            steps = [step_alone(run, r["clients"]) for _ in range(args.rounds)]
+            r["step_tokens_per_s"] = round(statistics.median(steps), 1)
     one = results[0]["tokens_per_s"]
     for r in results:
         r["vs_one_stream"] = round(r["tokens_per_s"] / one, 2)
         r["engine_vs_one_stream"] = round(r["engine_tokens_per_s"] / results[0]["engine_tokens_per_s"], 2)
+        r["step_vs_one_stream"] = round(r["step_tokens_per_s"] / results[0]["step_tokens_per_s"], 2)
         # what one more stream costs: the peak RSS over the one-stream level's, per extra stream
         extra = r["clients"] - results[0]["clients"]
         grown = r["rss_peak_mb"] - results[0]["rss_peak_mb"]
@@ -229,12 +253,13 @@ def main() -> None:
     print(f"2x{args.hidden} LSTM, {args.tokens} tokens per request, medians of {args.rounds} rounds of "
           f"{args.seconds:g} s, server idle RSS {idle:.0f} MB")  # fmt: skip
     columns = ("clients", "tokens/s", "x one", "TTFT p50 ms", "p99", "ITL p50 ms", "p99", "KB/stream",
-               "no HTTP", "x one")  # fmt: skip
+               "no HTTP", "x one", "step alone", "x one")  # fmt: skip
     print("  ".join(f"{c:>11}" for c in columns))
     for r in results:
         row = (r["clients"], f"{r['tokens_per_s']:,.0f}", f"{r['vs_one_stream']:.2f}", r["ttft_p50_ms"],
                r["ttft_p99_ms"], r["itl_p50_ms"], r["itl_p99_ms"], r["rss_per_stream_kb"],
-               f"{r['engine_tokens_per_s']:,.0f}", f"{r['engine_vs_one_stream']:.2f}")  # fmt: skip
+               f"{r['engine_tokens_per_s']:,.0f}", f"{r['engine_vs_one_stream']:.2f}",
+               f"{r['step_tokens_per_s']:,.0f}", f"{r['step_vs_one_stream']:.2f}")  # fmt: skip
         print("  ".join(f"{v!s:>11}" for v in row))
     for r in results:
         if r["failed"]:
