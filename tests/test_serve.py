@@ -24,7 +24,7 @@ import uvicorn
 
 import charlm
 from charlm.config import SampleConfig
-from charlm.serve.app import STREAM_INTERVAL, Limits, _events, _Pieces, create_app
+from charlm.serve.app import STREAM_INTERVAL, Limits, _Ask, _events, _Pieces, create_app
 from charlm.serve.engine import Engine, Request
 from tests.conftest import invoke
 
@@ -146,9 +146,12 @@ def test_chunks_go_out_an_interval_apart_and_a_choice_s_end_at_once() -> None:
     def request() -> Request:
         return Request("", SampleConfig(), lambda piece, finish: None)
 
+    def ask(rows: int) -> _Ask:
+        return _Ask("tiny", [""] * rows, SampleConfig(), 1, True, False, False)
+
     async def steady() -> None:
         queue = _Pieces()
-        events = _events(queue, [request()], "id", 0, "tiny", 0.05)
+        events = _events(queue, [request()], ask(1), {"id": "id"}, 0.05)
 
         async def engine() -> None:
             for i in range(100):
@@ -168,7 +171,7 @@ def test_chunks_go_out_an_interval_apart_and_a_choice_s_end_at_once() -> None:
 
     async def ending() -> None:
         queue = _Pieces()
-        events = _events(queue, [request(), request()], "id", 0, "tiny", 30)
+        events = _events(queue, [request(), request()], ask(2), {"id": "id"}, 30)
         queue.put_nowait((0, "a", None))
         start, first = await _next_chunk(events)  # at once
         assert first is not None and first["choices"][0]["text"] == "a"
@@ -301,6 +304,25 @@ def test_bad_requests_get_openai_errors_never_500(server: Running) -> None:
         (json.dumps({"model": "tiny", "prompt": "a", "n": 0}).encode(), 400, "n"),
         (json.dumps({"model": "tiny", "prompt": "a", "stop": [1]}).encode(), 400, "stop"),
         (json.dumps({"model": "tiny", "prompt": "a" * 200_000}).encode(), 400, "prompt"),
+        # what Python's json reads but JSON has not, and what would fail only in the engine
+        (b'{"model": "tiny", "prompt": "a", "repetition_penalty": NaN}', 400, None),
+        (b'{"model": "tiny", "prompt": "a", "top_p": Infinity}', 400, None),
+        (json.dumps({"model": "\ud800", "prompt": "a"}).encode(), 404, "model"),  # echoed in the message
+        (json.dumps({"model": "tiny", "prompt": "a\ud800b"}).encode(), 400, "prompt"),
+        (json.dumps({"model": "tiny", "prompt": "a", "stop": ["\udfff"]}).encode(), 400, "stop"),
+        (json.dumps({"model": "tiny", "prompt": "a", "seed": 10**30}).encode(), 400, "seed"),
+        (json.dumps({"model": "tiny", "prompt": "a", "seed": 2**64 - 1, "n": 2}).encode(), 400, "seed"),
+        (json.dumps({"model": "tiny", "prompt": "a", "seed": 10**30, "stream": True}).encode(), 400, "seed"),
+        (json.dumps({"model": "tiny", "prompt": ["a"] * 5, "n": 16}).encode(), 400, "n"),
+        # a misspelt field, and OpenAI's fields that charlm does not do, are refused, not ignored
+        (json.dumps({"model": "tiny", "prompt": "a", "temprature": 0.5}).encode(), 400, "temprature"),
+        (json.dumps({"model": "tiny", "prompt": "a", "logprobs": 2}).encode(), 400, "logprobs"),
+        (json.dumps({"model": "tiny", "prompt": "a", "logprobs": 0}).encode(), 400, "logprobs"),
+        (json.dumps({"model": "tiny", "prompt": "a", "best_of": 3}).encode(), 400, "best_of"),
+        (json.dumps({"model": "tiny", "prompt": "a", "suffix": "z"}).encode(), 400, "suffix"),
+        (json.dumps({"model": "tiny", "prompt": "a", "logit_bias": {"5": 100}}).encode(), 400, "logit_bias"),
+        (json.dumps({"model": "tiny", "prompt": "a", "stream_options": {"x": 1}}).encode(), 400,
+         "stream_options"),
     ]
     for body, status, param in cases:
         reply = httpx.post(url, content=body, timeout=30)
@@ -309,8 +331,107 @@ def test_bad_requests_get_openai_errors_never_500(server: Running) -> None:
         assert error["message"] and error["type"] and "Traceback" not in reply.text
         if param:
             assert error["param"] == param
+    many = httpx.post(url, json={"model": "tiny", "prompt": ["a"] * 5, "n": 16})
+    assert "64, not 5 x 16" in many.json()["error"]["message"]
+    # their "off" values, and OpenAI's "user", are fine
+    fine = {"model": "tiny", "prompt": "a", "max_tokens": 2, "logprobs": None, "best_of": 1, "logit_bias": {},
+            "suffix": None, "user": "me", "seed": -(2**63)}  # fmt: skip
+    assert httpx.post(url, json=fine, timeout=30).status_code == 200
+    # an unknown path or method: OpenAI's error shape too
+    for reply, status in ((httpx.get(f"{server.url}/v1/chat"), 404), (httpx.get(url), 405)):
+        assert reply.status_code == status and reply.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         server.client().completions.create(model="nope", prompt="a")
+
+
+def test_echo_usage_and_one_model(server: Running) -> None:
+    """echo puts the prompt before the text; a prompt's tokens count once however many choices it
+    has; stream_options.include_usage ends a stream with its usage; GET /v1/models/{id}."""
+    client = server.client()
+    done = client.completions.create(model="tiny", prompt=["ab", "c"], n=2, max_tokens=3, seed=1, echo=True)
+    plain = client.completions.create(model="tiny", prompt=["ab", "c"], n=2, max_tokens=3, seed=1)
+    prompts = ["ab", "ab", "c", "c"]
+    assert [c.text for c in done.choices] == [p + c.text for p, c in zip(prompts, plain.choices, strict=True)]
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (3, 12)
+    chunks = list(client.completions.create(model="tiny", prompt=["ab", "c"], n=2, max_tokens=3, seed=1,
+                                            echo=True, stream=True, stream_options={"include_usage": True}))
+    texts = collections.defaultdict(str)
+    for chunk in chunks[:-1]:
+        assert chunk.usage is None
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert [texts[i] for i in range(4)] == [c.text for c in done.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 15
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_a_failing_engine_is_the_server_s_error_not_a_quiet_stop(server: Running) -> None:
+    """A failure in a step reaches the client: 500 in OpenAI's shape, or mid-stream an error event
+    (which the official client raises), never an empty text that looks finished."""
+
+    def fail(going: list) -> None:
+        raise RuntimeError("the step failed")
+
+    server.engine._advance = fail  # type: ignore[method-assign]
+    client = server.client()
+    with pytest.raises(openai.InternalServerError, match="the step failed"):
+        client.completions.create(model="tiny", prompt="a", max_tokens=5)
+    with pytest.raises(openai.APIError, match="the step failed"):
+        list(client.completions.create(model="tiny", prompt="a", max_tokens=5, stream=True))
+
+
+def test_a_client_that_leaves_a_plain_request_frees_its_rows(server: Running) -> None:
+    """Not only a stream's: a request without stream whose client times out stops generating."""
+    before = server.engine.steps
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", timeout=0.5,
+                   json={"model": "tiny", "prompt": "x", "max_tokens": 4096, "n": 16})  # fmt: skip
+    gone = server.engine.steps
+    deadline = time.perf_counter() + 30
+    while server.engine.active and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert server.engine.active == 0 and server.engine.steps - gone < 1000 and gone - before < 4096
+
+
+def test_a_long_prompt_is_read_beside_the_streams(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt too long for the batched steps is read in a thread of its own: the streams being
+    generated go on meanwhile (read between steps, a 100,000-character prompt stopped them for
+    seconds), and its text is charlm sample's."""
+    from charlm.serve import engine as engine_module
+
+    real = engine_module.read
+
+    def slow(*args: object, **kwargs: object) -> object:
+        time.sleep(1.5)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "read", slow)
+    running = Running(trained_run)
+    try:
+        client = running.client()
+        stream = client.completions.create(model="tiny", prompt="a", max_tokens=4000, stream=True)
+        next(iter(stream))
+        prompt = "The quick brown fox jumps over the lazy dog. " * 3
+        results: list = []
+
+        def ask() -> None:
+            results.append(client.completions.create(model="tiny", prompt=prompt, max_tokens=20, seed=4,
+                                                     temperature=0.9))  # fmt: skip
+
+        reader = threading.Thread(target=ask)
+        reader.start()
+        time.sleep(0.3)
+        before = running.engine.steps
+        time.sleep(0.8)  # the prompt is being read
+        assert running.engine.steps - before > 50 and not results
+        reader.join(timeout=30)
+        stream.close()
+        printed = invoke("sample", trained_run, "--prime", prompt, "--length", "20", "--seed", "4",
+                         "--temp", "0.9")  # fmt: skip
+        assert printed.stdout.rstrip("\n") == (prompt + results[0].choices[0].text).rstrip("\n")
+    finally:
+        running.close()
 
 
 def test_too_many_streams_get_429(trained_run: Path) -> None:
@@ -327,6 +448,9 @@ def test_too_many_streams_get_429(trained_run: Path) -> None:
             time.sleep(0.05)
         assert running.engine.active == 0
         assert client.completions.create(model="tiny", prompt="b", max_tokens=5).choices[0].text is not None
+        # more streams than the server ever runs at once: waiting would not help, so not a 429
+        with pytest.raises(openai.BadRequestError, match="at most 1 at once"):
+            client.completions.create(model="tiny", prompt="b", max_tokens=5, n=2)
     finally:
         running.close()
 
@@ -336,6 +460,10 @@ def test_an_api_key_is_required_when_set(trained_run: Path) -> None:
     try:
         with pytest.raises(openai.AuthenticationError):
             running.client("wrong").completions.create(model="tiny", prompt="a", max_tokens=3)
+        assert httpx.get(f"{running.url}/v1/models").status_code == 401
+        # the scheme's case does not matter (RFC 7235)
+        lower = httpx.get(f"{running.url}/v1/models", headers={"Authorization": "bearer s3cret"})
+        assert lower.status_code == 200
         assert running.client("s3cret").completions.create(model="tiny", prompt="a", max_tokens=3).choices
         assert httpx.get(f"{running.url}/health").status_code == 200  # health needs no key
     finally:

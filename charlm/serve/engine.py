@@ -15,6 +15,7 @@ import asyncio
 import math
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,7 +54,12 @@ class Busy(CharlmError):
     """Every row is taken: the request is refused (HTTP 429), not queued without bound."""
 
 
-@dataclass
+class TooLarge(CharlmError):
+    """A request of more streams than the engine ever generates at once (HTTP 400: waiting would
+    not help)."""
+
+
+@dataclass(eq=False)  # one request is one stream: the same only as itself
 class Request:
     """One completion: a prompt, how to sample it (``config.length`` is max_tokens), and where its
     text goes. ``emit`` is called from the engine's thread; ``cancelled`` is set by the caller
@@ -69,7 +75,8 @@ class Request:
 
 # A prompt of up to this many tokens is read as rows of the batched steps, one token a step,
 # beside the streams being generated (which a prompt read at once by the module would stall for
-# its 5 ms set-up); a longer one is read at once, between steps.
+# its 5 ms set-up); a longer one is read at once by the module, in a thread of its own beside the
+# steps (a 100,000-character prompt read between steps stopped every stream for seconds).
 PREFILL_TOKENS = 64
 
 
@@ -119,6 +126,8 @@ class Engine:
         self.stepper = Stepper(network) if network.device.type == "cpu" else None
         self._rows: list[_Row] = []
         self._arrived: list[Request] = []
+        self._reading: list[Request] = []  # long prompts being read in the prompt thread
+        self._prompts: ThreadPoolExecutor | None = None
         self._lock = threading.Condition()
         self._running = False
         self._draining = False  # drain() asked; the engine's thread ends the streams
@@ -132,22 +141,26 @@ class Engine:
     @property
     def active(self) -> int:
         with self._lock:
-            return len(self._rows) + len(self._arrived)
+            return len(self._rows) + len(self._arrived) + len(self._reading)
 
     def submit(self, requests: list[Request]) -> None:
         """Queue ``requests`` (a request's ``n`` choices together, all or none).
 
         Raises:
-            Busy: they would exceed ``max_rows``.
+            TooLarge: they are more than ``max_rows``. Busy: they would exceed it now.
         """
+        if len(requests) > self.max_rows:
+            raise TooLarge(f"this request asks for {len(requests)} streams (prompts x n); this server "
+                           f"generates at most {self.max_rows} at once")  # fmt: skip
         with self._lock:
-            if len(self._rows) + len(self._arrived) + len(requests) > self.max_rows:
+            if len(self._rows) + len(self._arrived) + len(self._reading) + len(requests) > self.max_rows:
                 raise Busy(f"the server is generating {self.max_rows} streams at once; try again shortly")
             self._arrived.extend(requests)
             self._lock.notify()
 
     def start(self) -> None:
         self._running = True
+        self._prompts = ThreadPoolExecutor(1, thread_name_prefix="charlm-prompts")
         self._thread = threading.Thread(target=self._loop, name="charlm-engine", daemon=True)
         self._thread.start()
 
@@ -165,11 +178,11 @@ class Engine:
 
     def _end_all(self) -> None:
         with self._lock:
-            rows, arrived = self._rows, self._arrived
-            self._rows, self._arrived, self._draining = [], [], False
+            rows, arrived = self._rows, self._arrived + self._reading
+            self._rows, self._arrived, self._reading, self._draining = [], [], [], False
         for row in rows:
             row.request.emit("", "stop")
-        for request in arrived:
+        for request in arrived:  # a prompt still being read is dropped when read (see _admit)
             request.emit("", "stop")
 
     def stop(self) -> None:
@@ -179,6 +192,8 @@ class Engine:
             self._lock.notify()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._prompts is not None:
+            self._prompts.shutdown(wait=False, cancel_futures=True)
 
     def to_row_state(self, hidden: torch.Tensor | tuple[torch.Tensor, ...]) -> list:
         """A row's state from the model's (layers, 1, H) hidden state: the stepper's layout on the
@@ -195,6 +210,7 @@ class Engine:
             except Exception as exc:  # the engine must outlive any one request
                 with self._lock:
                     rows, self._rows = self._rows, []
+                self._out = {}  # a finish held back here would be a row's second
                 for row in rows:
                     row.request.emit("", f"error: {exc}")
 
@@ -213,18 +229,39 @@ class Engine:
             if arrived is None:
                 self._end_all()
                 continue
-            for request in arrived:  # prompts are read here, between steps
-                try:
-                    row = _Row(request, self)
-                except (CharlmError, RuntimeError, ValueError) as exc:
-                    request.emit("", f"error: {exc}")
-                    continue
-                with self._lock:
-                    self._rows.append(row)
+            for request in arrived:
+                # A short prompt's row is made here (its tokens are read in the steps); a longer
+                # one's in the prompt thread, which encodes it and may read it at once (the module
+                # on the CUDA path), while the steps go on.
+                if self.stepper is not None and len(request.prompt) <= PREFILL_TOKENS:
+                    self._admit(request)
+                else:
+                    with self._lock:
+                        self._reading.append(request)
+                    assert self._prompts is not None
+                    self._prompts.submit(self._admit, request, True)
             with self._lock:
                 rows = list(self._rows)
             if rows:
                 self._step(rows)
+
+    def _admit(self, request: Request, pooled: bool = False) -> None:
+        """Make ``request``'s row and add it to the next step; ``pooled``: in the prompt thread, where
+        a request ended meanwhile (shutdown, client gone) is dropped."""
+        try:
+            row = _Row(request, self)
+        except (CharlmError, RuntimeError, ValueError) as exc:
+            row, error = None, exc
+        with self._lock:
+            if pooled:
+                if request not in self._reading:  # ended by drain(): it has its finish
+                    return
+                self._reading.remove(request)
+            if row is not None and not request.cancelled.is_set():
+                self._rows.append(row)
+                self._lock.notify()
+        if row is None:
+            request.emit("", f"error: {error}")
 
     def _send(self, request: Request, piece: str, finish: str | None) -> None:
         """Emit now, or, for a :class:`Sink`, with the rest of this step's pieces (see _flush)."""
