@@ -45,5 +45,9 @@ class DeviceError(CharlmError):
     exit_code = 2
 
 
+class ServeError(CharlmError):
+    """The server cannot start: its address is taken or cannot be had."""
+
+
 class PlotError(CharlmError):
     """A plot cannot be made here (matplotlib is missing) or its file cannot be written."""

@@ -546,6 +546,25 @@ def test_binding_beyond_loopback_without_a_key_warns(trained_run: Path) -> None:
     assert "warning: serving on 0.0.0.0 without an API key" in process.communicate()[1]
 
 
+def test_an_address_it_cannot_have_is_one_line_and_its_exit_code(trained_run: Path) -> None:
+    """A taken port, a host that is not this machine's, an impossible port or limit: one line, the
+    README's exit codes, and no "serving" line first (uvicorn's own bind logged and exited with 3)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, code, said in (
+            (["--port", str(port)], 1, f"error: cannot listen on 127.0.0.1:{port}: "),
+            (["--host", "999.1.1.1"], 1, "error: cannot listen on 999.1.1.1:8000"),
+            (["--port", "99999"], 2, "error: --port must be between 0 and 65535"),
+            (["--max-tokens", "0"], 2, "error: --max-tokens must be at least 1"),
+        ):
+            result = invoke("serve", trained_run, *args)
+            assert result.exit_code == code, result.output
+            assert said in result.output and "serving" not in result.output, result.output
+            assert len(result.output.strip().splitlines()) == 1, result.output
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
