@@ -8,6 +8,7 @@ is refused before any work is done (it imports only the stdlib and :mod:`charlm.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -65,6 +66,17 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+def _finite(config: Any, flags: dict[str, str] | None = None) -> None:
+    """Refuse NaN and infinity in any number of ``config``: NaN passes every range check (``nan <=
+    0`` is false), so ``--temp nan`` sampled the unknown token and ``--lr nan`` reached the
+    optimizer's own traceback. ``flags``: a field's option where it is not ``--field-name``."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
+
+
 def _positive(name: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
@@ -79,6 +91,7 @@ class TokenizerConfig:
     vocab_size: int = 2000
 
     def __post_init__(self) -> None:
+        _finite(self)
         _positive("--vocab-size", self.vocab_size)
 
 
@@ -99,6 +112,7 @@ class ModelConfig:
     residual: bool = False  # add each stacked layer's input to its output (layers above the first)
 
     def __post_init__(self) -> None:
+        _finite(self)
         if self.vocab_size < 0:
             raise ConfigError(f"vocab_size must not be negative, got {self.vocab_size}")
         for name in ("layers", "hidden", "embed"):
@@ -141,6 +155,7 @@ class TrainConfig:
     precision: Precision = Precision.auto
 
     def __post_init__(self) -> None:
+        _finite(self, {"save_seconds": "--save-every"})
         for name in ("batch_size", "bptt", "epochs", "eval_every"):
             _positive(f"--{name.replace('_', '-')}", getattr(self, name))
         for name in ("save_steps", "save_seconds"):
@@ -306,6 +321,7 @@ class SampleConfig:
     ban: tuple[str, ...] = ()  # text that is never produced
 
     def __post_init__(self) -> None:
+        _finite(self, {"temperature": "--temp"})
         if self.length < 0:
             raise ConfigError(f"--length must not be negative, got {self.length}")
         if self.temperature < 0:

@@ -235,6 +235,15 @@ def test_eval_table_and_other_data(trained_run: Path, tmp_path: Path) -> None:
         (["train", "SMALL"], 1, "too small"),
         (["eval", "DIR"], 1, "is not a charlm run"),
         (["sample", "--device", "cuda"], 2, "cuda"),
+        # NaN passes a range check (nan <= 0 is false): every number must be finite
+        (["sample", "--temp", "nan"], 2, "--temp must be a finite number"),
+        (["sample", "--repetition-penalty", "nan"], 2, "--repetition-penalty must be a finite number"),
+        (["sample", "--frequency-penalty", "inf"], 2, "--frequency-penalty must be a finite number"),
+        (["train", "CORPUS", "--lr", "nan"], 2, "--lr must be a finite number"),
+        (["train", "CORPUS", "--lr", "inf"], 2, "--lr must be a finite number"),
+        (["train", "CORPUS", "--clip", "nan"], 2, "--clip must be a finite number"),
+        (["train", "CORPUS", "--weight-decay", "nan"], 2, "--weight-decay must be a finite number"),
+        (["train", "CORPUS", "--forget-bias", "nan"], 2, "--forget-bias must be a finite number"),
     ],
 )
 def test_user_mistakes_get_one_line_and_an_exit_code(
@@ -331,3 +340,36 @@ def test_the_data_progress_bar_renders_and_goes_away() -> None:
         progress.on_progress("encoding corpus", 10, 10)  # done: the bar is removed
         progress.on_progress("reading corpus", 1, 4)  # a later pass gets a new bar
     assert "encoding corpus" in console.file.getvalue() and "reading corpus" in console.file.getvalue()
+
+
+def test_a_sample_on_stderr_shows_control_characters_as_escapes() -> None:
+    """A sampled NUL or carriage return must not reach a log or terminal raw (grep called such a
+    log binary; a carriage return overwrites the line); a line break shows as ⏎, markup as text."""
+    import io
+
+    from rich.console import Console
+
+    from charlm.cli.render import TrainProgress
+
+    console = Console(file=io.StringIO(), force_terminal=False, width=200)
+    with TrainProgress(console) as progress:
+        progress.on_sample(5, "a\x00b\nc\rd e\x7f[bold]")
+    assert console.file.getvalue() == "sample at step 5: a\\x00b⏎ c\\x0dd e\\x7f[bold]\n"
+
+
+def test_no_progress_bar_and_no_blank_line_in_a_log() -> None:
+    """Where stderr is not a terminal the corpus passes draw no bar: a transient bar left a blank
+    line there."""
+    import io
+
+    from rich.console import Console
+
+    from charlm.cli.render import TrainProgress
+
+    console = Console(file=io.StringIO(), force_terminal=False, width=80)
+    with TrainProgress(console) as progress:
+        progress.on_status("encoding")
+        progress.on_progress("encoding corpus", 5, 10)
+        progress.on_progress("encoding corpus", 10, 10)
+        progress.on_status("done")
+    assert console.file.getvalue() == "encoding\ndone\n"

@@ -4,6 +4,7 @@ JSON). Implements :class:`charlm.training.report.Callbacks`."""
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,15 @@ class _TwoLineProgress(Progress):
     def get_renderables(self) -> Iterable[RenderableType]:
         yield self.make_tasks_table(self.tasks)
         yield self.figures
+
+
+def _shown(ch: str) -> str:
+    """A character of a sample as one line of a terminal or log shows it."""
+    if ch == "\n":
+        return "⏎ "
+    if ch != "\t" and unicodedata.category(ch) == "Cc":
+        return f"\\x{ord(ch):02x}"
+    return ch
 
 
 class TrainProgress:
@@ -76,7 +86,10 @@ class TrainProgress:
         self._progress.console.print(f"[{style}]{escape(message)}[/]", soft_wrap=True, highlight=False)
 
     def on_progress(self, task: str, done: int, total: int) -> None:
-        """A bar for a long pass over the corpus (reading, encoding), gone when it is done."""
+        """A bar for a long pass over the corpus (reading, encoding), gone when it is done; none
+        where stderr is not a terminal (a log), where a transient bar leaves a blank line."""
+        if not self.console.is_terminal:
+            return
         if self._data is None:
             self._data = Progress(
                 TextColumn("{task.description}"), BarColumn(bar_width=None), TaskProgressColumn(),
@@ -105,8 +118,10 @@ class TrainProgress:
         )
 
     def on_sample(self, step: int, text: str) -> None:
-        """What the model writes at this step, kept above the bar (a line break shows as ⏎)."""
-        shown = escape(text.replace("\n", "⏎ "))
+        """What the model writes at this step, kept above the bar (a line break shows as ⏎, and any
+        other control character as an escape: a sampled NUL or carriage return made a log binary
+        or overwrote the line)."""
+        shown = escape("".join(_shown(ch) for ch in text))
         self._progress.console.print(
             f"[dim]sample at step {step:,}:[/] [italic]{shown}[/]", soft_wrap=True, highlight=False
         )
