@@ -187,6 +187,20 @@ def test_the_same_command_with_resume_starts_and_then_continues_the_run(corpus: 
     assert json.loads((run / "run.json").read_text())["config"]["train"]["max_steps"] == 8
 
 
+def test_a_run_whose_time_is_spent_does_not_step_again(corpus: Path, tmp_path: Path) -> None:
+    """The same --max-time command run again (a job scheduler's relaunch) leaves a finished run as
+    it is: each relaunch trained one step more, changed the optimizer state and logged again."""
+    run = tmp_path / "run"
+    first = invoke("train", corpus, "--out", run, "--max-time", "1s", *COMMAND, "--resume")
+    assert first.exit_code == 0, first.output
+    step, saved = state(run)["step"], (run / "latest" / "trainer.safetensors").read_bytes()
+    metrics = (run / "metrics.jsonl").read_text()
+    again = invoke("train", corpus, "--out", run, "--max-time", "1s", *COMMAND, "--resume")
+    assert again.exit_code == 0, again.output
+    assert state(run)["step"] == step and (run / "latest" / "trainer.safetensors").read_bytes() == saved
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
 def test_without_out_resume_finds_the_run_of_its_corpus(in_tmp: Path, corpus: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.txt"
     other.write_text(corpus.read_text()[::-1])

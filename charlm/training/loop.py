@@ -134,6 +134,8 @@ class Trainer:
     def _loop(self) -> str:
         """Step through the windows from where the run stands; returns why it stopped."""
         p, tc = self.progress, self.config
+        if tc.max_time is not None and self._agree()[1]:
+            return "max_time"  # a run resumed with its time spent: not one step more
         while True:
             if p.window >= self.steps_per_epoch:
                 if not self._validate():  # at least once an epoch, however small the corpus
