@@ -129,6 +129,24 @@ def test_memorisation_warning_comes_once(
     assert f"not improved for {OVERFIT_PATIENCE} validations" in warnings[0] and "--dropout" in warnings[0]
 
 
+def test_no_memorisation_warning_for_a_training_loss_that_only_wobbles() -> None:
+    """A run whose held-out loss stalls while its training loss moves by the noise between the
+    windows two validations follow is not told it memorises (a run whose learning rate had all but
+    vanished was, on 1.996 -> 1.978); a real fall still warns."""
+    from types import SimpleNamespace
+
+    from charlm.training.loop import Trainer
+
+    said: list[str] = []
+    progress = SimpleNamespace(overfit_warned=False, stale=OVERFIT_PATIENCE, train_at_best=1.996,
+                               best_loss=2.168)  # fmt: skip
+    trainer = SimpleNamespace(progress=progress, cb=SimpleNamespace(on_status=said.append))
+    Trainer._warn_overfit(trainer, {"train_loss": 1.978})  # type: ignore[arg-type]
+    assert said == []
+    Trainer._warn_overfit(trainer, {"train_loss": 1.90})  # type: ignore[arg-type]
+    assert len(said) == 1 and "memorising" in said[0]
+
+
 def test_train_accepts_the_regularisation_options(in_tmp: Path, corpus: Path) -> None:
     options = ["--dropout", "0.3", "--weight-drop", "0.2", "--weight-decay", "0.01"]
     result = invoke("train", corpus, "--out", "r", "--max-steps", "6", *options, *TINY_MODEL)

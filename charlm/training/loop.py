@@ -47,8 +47,11 @@ MAX_BAD_STEPS = 3
 RECOVERY_LR = 0.5
 MAX_RECOVERIES = 5
 # Warn (once a run) of memorisation when this many validations in a row have not improved on the
-# best held-out loss while the training loss has gone on falling below its value at the best.
+# best held-out loss while the training loss has gone on falling, by OVERFIT_FALL nats at least,
+# below its value at the best (less is the noise between the windows two validations follow: a
+# run whose learning rate had all but vanished was told it was memorising on 1.996 -> 1.978).
 OVERFIT_PATIENCE = 3
+OVERFIT_FALL = 0.05
 # The samples shown while training: about this many characters, at this temperature.
 SAMPLE_CHARS = 200
 SAMPLE_TEMPERATURE = 0.8
@@ -320,7 +323,7 @@ class Trainer:
         p = self.progress
         if p.overfit_warned or p.stale < OVERFIT_PATIENCE or p.train_at_best is None:
             return
-        if record["train_loss"] >= p.train_at_best:
+        if record["train_loss"] > p.train_at_best - OVERFIT_FALL:
             return
         p.overfit_warned = True
         self.cb.on_status(
