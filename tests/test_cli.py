@@ -199,6 +199,7 @@ def test_eval_table_and_other_data(trained_run: Path, tmp_path: Path) -> None:
         (["train", "CORPUS", "--max-time", "soon"], 2, "--max-time"),
         (["train", "CORPUS", "--cell", "transformer"], 2, "transformer"),
         (["train", "CORPUS", "--tokenizer", "bpe", "--vocab-size", "100000"], 1, "too high"),
+        (["train", "CORPUS", "--tokenizer", "bpe", "--vocab-size", "100"], 1, "or more (or --tokenizer char)"),
         (["train", "CORPUS", "--batch-size", "100000"], 1, "too small"),
         (["sample", "--temp", "-1"], 2, "--temp"),
         (["sample", "--top-p", "0"], 2, "--top-p"),
