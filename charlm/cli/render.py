@@ -104,7 +104,12 @@ class TrainProgress:
             self._data, self._data_tasks = None, {}
 
     def on_step(self, report: StepReport) -> None:
-        """Update the bar from a :class:`charlm.training.report.StepReport`."""
+        """Update the bar from a :class:`charlm.training.report.StepReport`; no bar where stderr is
+        not a terminal: rich draws a live bar there only once, when it stops, with the figures of
+        the last report (every 10 steps), so a log ended with a stale "step 20 ... 80%" line. The
+        validation lines and the summary say it all there."""
+        if not self.console.is_terminal:
+            return
         self._progress.start()  # a no-op once started
         self._progress.start_task(self._task)
         self._progress.update(
