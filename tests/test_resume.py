@@ -191,11 +191,12 @@ def test_a_run_whose_time_is_spent_does_not_step_again(corpus: Path, tmp_path: P
     """The same --max-time command run again (a job scheduler's relaunch) leaves a finished run as
     it is: each relaunch trained one step more, changed the optimizer state and logged again."""
     run = tmp_path / "run"
-    first = invoke("train", corpus, "--out", run, "--max-time", "1s", *COMMAND, "--resume")
-    assert first.exit_code == 0, first.output
+    command = ["train", corpus, "--out", run, "--max-time", "1s", "--epochs", "1000", *COMMAND, "--resume"]
+    first = invoke(*command)
+    assert first.exit_code == 0 and "max_time:" in first.output, first.output  # its time, not its epochs
     step, saved = state(run)["step"], (run / "latest" / "trainer.safetensors").read_bytes()
     metrics = (run / "metrics.jsonl").read_text()
-    again = invoke("train", corpus, "--out", run, "--max-time", "1s", *COMMAND, "--resume")
+    again = invoke(*command)
     assert again.exit_code == 0, again.output
     assert state(run)["step"] == step and (run / "latest" / "trainer.safetensors").read_bytes() == saved
     assert (run / "metrics.jsonl").read_text() == metrics

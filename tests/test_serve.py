@@ -382,8 +382,16 @@ def test_a_failing_engine_is_the_server_s_error_not_a_quiet_stop(server: Running
 
 
 def test_a_client_that_leaves_a_plain_request_frees_its_rows(server: Running) -> None:
-    """Not only a stream's: a request without stream whose client times out stops generating."""
-    before = server.engine.steps
+    """Not only a stream's: a request without stream whose client times out stops generating. (A
+    step is made to take 1 ms at least, so its 4,096 tokens outlast the client's 0.5 s on any
+    machine.)"""
+    advance = server.engine._advance
+
+    def slow(going: list) -> None:
+        time.sleep(0.001)
+        advance(going)
+
+    server.engine._advance = slow  # type: ignore[method-assign]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", timeout=0.5,
                    json={"model": "tiny", "prompt": "x", "max_tokens": 4096, "n": 16})  # fmt: skip
@@ -391,7 +399,76 @@ def test_a_client_that_leaves_a_plain_request_frees_its_rows(server: Running) ->
     deadline = time.perf_counter() + 30
     while server.engine.active and time.perf_counter() < deadline:
         time.sleep(0.01)
-    assert server.engine.active == 0 and server.engine.steps - gone < 1000 and gone - before < 4096
+    assert server.engine.active == 0 and server.engine.steps - gone < 500
+
+
+def _slow_long_reads(monkeypatch: pytest.MonkeyPatch, seconds: float, error: Exception | None = None) -> None:
+    """Make the engine's read of a prompt over 64 characters take ``seconds`` (then fail with
+    ``error``, if given)."""
+    from charlm.serve import engine as engine_module
+
+    real = engine_module.read
+
+    def slow(model: object, tokenizer: object, text: str, *args: object, **kwargs: object) -> object:
+        if len(text) > 64:
+            time.sleep(seconds)
+            if error is not None:
+                raise error
+        return real(model, tokenizer, text, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "read", slow)
+
+
+LONG = "The quick brown fox jumps over the lazy dog. " * 3
+
+
+def test_a_prompt_being_read_ends_once_and_frees_its_place(
+    trained_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long prompt in the prompt thread: its client's going frees its place at once (not after
+    its read); shutdown gives it one finish, and its read ending later none; a failure of any kind
+    in its read is its error, not a request that never ends; and a short prompt does not queue
+    behind it, on the module's path (CUDA) too."""
+    model = charlm.load(trained_run, device="cpu")
+    _slow_long_reads(monkeypatch, 1.0)
+    said: list[tuple[int, str, str | None]] = []
+
+    def request(i: int, prompt: str = LONG, length: int = 5) -> Request:
+        return Request(prompt, SampleConfig(length=length, seed=i), lambda p, f: said.append((i, p, f)))
+
+    engine = Engine(model.network, model.run.tokenizer, max_rows=1)
+    engine.start()
+    try:
+        gone = request(0)
+        engine.submit([gone])
+        time.sleep(0.2)
+        gone.cancelled.set()
+        assert engine.active == 0
+        engine.submit([request(1)])  # its place is free: no Busy
+        time.sleep(0.2)
+        engine.drain()
+        time.sleep(2.5)  # both reads are over
+        assert sorted(s for s in said if s[2] is not None) == [(0, "", "stop"), (1, "", "stop")]  # once each
+    finally:
+        engine.stop()
+    _slow_long_reads(monkeypatch, 0.1, KeyError("no such thing"))
+    for stepper in (True, False):  # the CPU's stepper, and the module's path (as on CUDA)
+        said.clear()
+        engine = Engine(model.network, model.run.tokenizer)
+        if not stepper:
+            engine.stepper = None
+        engine.start()
+        try:
+            engine.submit([request(2)])
+            engine.submit([request(3, "a", 1)])
+            deadline = time.perf_counter() + 10
+            while engine.active and time.perf_counter() < deadline:
+                time.sleep(0.01)
+            finishes = [s for s in said if s[2] is not None]
+            assert engine.active == 0 and finishes[0] == (3, "", "length"), said  # not behind the read
+            assert finishes[1][0] == 2 and "no such thing" in str(finishes[1][2]) and len(finishes) == 2
+        finally:
+            engine.stop()
 
 
 def test_a_long_prompt_is_read_beside_the_streams(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -457,15 +534,23 @@ def test_too_many_streams_get_429(trained_run: Path) -> None:
 
 def test_an_api_key_is_required_when_set(trained_run: Path) -> None:
     running = Running(trained_run, api_key="s3cret")
+    models = f"{running.url}/v1/models"
     try:
         with pytest.raises(openai.AuthenticationError):
             running.client("wrong").completions.create(model="tiny", prompt="a", max_tokens=3)
-        assert httpx.get(f"{running.url}/v1/models").status_code == 401
-        # the scheme's case does not matter (RFC 7235)
-        lower = httpx.get(f"{running.url}/v1/models", headers={"Authorization": "bearer s3cret"})
-        assert lower.status_code == 200
         assert running.client("s3cret").completions.create(model="tiny", prompt="a", max_tokens=3).choices
         assert httpx.get(f"{running.url}/health").status_code == 200  # health needs no key
+        assert httpx.get(models).status_code == 401
+        # the scheme's case does not matter (RFC 7235)
+        assert httpx.get(models, headers={"Authorization": "bearer s3cret"}).status_code == 200
+        # a key that is not ASCII: 401, not compare_digest's TypeError as a 500
+        assert httpx.get(models, headers={"Authorization": b"Bearer s3cr\xe9t"}).status_code == 401
+    finally:
+        running.close()
+    running = Running(trained_run, api_key="clé")
+    try:  # a UTF-8 key works
+        key = {"Authorization": "Bearer clé".encode()}
+        assert httpx.get(f"{running.url}/v1/models", headers=key).status_code == 200
     finally:
         running.close()
 

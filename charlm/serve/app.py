@@ -90,8 +90,11 @@ def create_app(
     created = int(time.time())
 
     def authorise(request: HttpRequest) -> None:
+        # bytes: compare_digest refuses non-ASCII text (a 500), and Starlette decodes headers as
+        # Latin-1, so the header's own bytes are what the key's UTF-8 must equal
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if api_key and not (scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), api_key)):
+        given, key = token.strip().encode("latin-1"), (api_key or "").encode("utf-8")
+        if api_key and not (scheme.lower() == "bearer" and secrets.compare_digest(given, key)):
             raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", "invalid_api_key",
                            code="invalid_api_key")  # fmt: skip
 
@@ -446,7 +449,8 @@ def _parse(body: dict[str, Any], engines: Mapping[str, Engine], limits: Limits) 
         raise ApiError(400, message) from None
     options = _field(body, "stream_options", (dict,), {})
     include_usage = _field(options, "include_usage", (bool,), False)
-    if set(options) - {"include_usage"}:
-        raise ApiError(400, "'stream_options' takes include_usage alone", param="stream_options")
+    if set(options) - {"include_usage", "include_obfuscation"}:  # the latter: nothing to obfuscate here
+        what = "'stream_options' takes include_usage and include_obfuscation"
+        raise ApiError(400, what, param="stream_options")
     return _Ask(name, prompts, config, n, bool(_field(body, "stream", (bool,), False)),
                 bool(_field(body, "echo", (bool,), False)), include_usage)  # fmt: skip

@@ -75,9 +75,13 @@ class Request:
 
 # A prompt of up to this many tokens is read as rows of the batched steps, one token a step,
 # beside the streams being generated (which a prompt read at once by the module would stall for
-# its 5 ms set-up); a longer one is read at once by the module, in a thread of its own beside the
-# steps (a 100,000-character prompt read between steps stopped every stream for seconds).
+# its 5 ms set-up; on CUDA, where there are no such rows, it is read at once between steps); a
+# longer one is read at once by the module, in a thread of its own beside the steps (a
+# 100,000-character prompt read between steps stopped every stream for seconds).
 PREFILL_TOKENS = 64
+# A prompt of up to this many characters is encoded in the engine's thread to count its tokens
+# (tens of microseconds); a longer one is encoded in the prompt thread too.
+ENCODE_CHARS = 4096
 
 
 class _Row:
@@ -88,11 +92,11 @@ class _Row:
     scores after the last of them.
     """
 
-    def __init__(self, request: Request, engine: Engine) -> None:
+    def __init__(self, request: Request, engine: Engine, prompt: list[int] | None = None) -> None:
         config = request.config
         tokenizer = engine.tokenizer
         self.request = request
-        prompt = tokenizer.encode(request.prompt)
+        prompt = tokenizer.encode(request.prompt) if prompt is None else prompt
         ids = [tokenizer.newline_id, *prompt]  # start of text, as read() does
         request.prompt_tokens = len(prompt)
         self.pending: list[int] = []
@@ -141,7 +145,11 @@ class Engine:
     @property
     def active(self) -> int:
         with self._lock:
-            return len(self._rows) + len(self._arrived) + len(self._reading)
+            return len(self._rows) + len(self._arrived) + self._still_reading()
+
+    def _still_reading(self) -> int:
+        """Prompts being read whose clients are still there (one gone frees its place at once)."""
+        return sum(not request.cancelled.is_set() for request in self._reading)
 
     def submit(self, requests: list[Request]) -> None:
         """Queue ``requests`` (a request's ``n`` choices together, all or none).
@@ -153,7 +161,7 @@ class Engine:
             raise TooLarge(f"this request asks for {len(requests)} streams (prompts x n); this server "
                            f"generates at most {self.max_rows} at once")  # fmt: skip
         with self._lock:
-            if len(self._rows) + len(self._arrived) + len(self._reading) + len(requests) > self.max_rows:
+            if len(self._rows) + len(self._arrived) + self._still_reading() + len(requests) > self.max_rows:
                 raise Busy(f"the server is generating {self.max_rows} streams at once; try again shortly")
             self._arrived.extend(requests)
             self._lock.notify()
@@ -230,38 +238,65 @@ class Engine:
                 self._end_all()
                 continue
             for request in arrived:
-                # A short prompt's row is made here (its tokens are read in the steps); a longer
-                # one's in the prompt thread, which encodes it and may read it at once (the module
-                # on the CUDA path), while the steps go on.
-                if self.stepper is not None and len(request.prompt) <= PREFILL_TOKENS:
-                    self._admit(request)
+                # A short prompt's row is made here (its tokens are read in the steps, or on CUDA
+                # at once); a longer one's in the prompt thread, which reads it at once with the
+                # module while the steps go on.
+                prompt = self._short(request.prompt)
+                if prompt is not None:
+                    self._admit(request, prompt)
                 else:
                     with self._lock:
                         self._reading.append(request)
                     assert self._prompts is not None
-                    self._prompts.submit(self._admit, request, True)
+                    self._prompts.submit(self._admit_read, request)
             with self._lock:
                 rows = list(self._rows)
             if rows:
                 self._step(rows)
 
-    def _admit(self, request: Request, pooled: bool = False) -> None:
-        """Make ``request``'s row and add it to the next step; ``pooled``: in the prompt thread, where
-        a request ended meanwhile (shutdown, client gone) is dropped."""
+    def _short(self, text: str) -> list[int] | None:
+        """``text``'s tokens where they are few enough to read in the steps, else None."""
+        if len(text) > ENCODE_CHARS:
+            return None
         try:
-            row = _Row(request, self)
-        except (CharlmError, RuntimeError, ValueError) as exc:
-            row, error = None, exc
+            ids = self.tokenizer.encode(text)
+        except Exception:  # let the prompt thread meet it and say so
+            return None
+        return ids if len(ids) <= PREFILL_TOKENS else None
+
+    def _admit(self, request: Request, prompt: list[int] | None = None) -> None:
+        """Make ``request``'s row (from its tokens, where they are known) and add it to the next step."""
+        try:
+            row = _Row(request, self, prompt)
+        except Exception as exc:  # a request's failure is its own, never the engine's
+            request.emit("", f"error: {exc}")
+            return
         with self._lock:
-            if pooled:
-                if request not in self._reading:  # ended by drain(): it has its finish
-                    return
-                self._reading.remove(request)
-            if row is not None and not request.cancelled.is_set():
+            if not request.cancelled.is_set():
                 self._rows.append(row)
                 self._lock.notify()
-        if row is None:
-            request.emit("", f"error: {error}")
+
+    def _admit_read(self, request: Request) -> None:
+        """:meth:`_admit` in the prompt thread: a request ended meanwhile (shutdown: it has had its
+        finish; its client gone) is dropped, before its read where it can be."""
+        with self._lock:
+            ended = request not in self._reading or request.cancelled.is_set()
+        if not ended:
+            try:
+                row: _Row | Exception = _Row(request, self)
+            except Exception as exc:  # whatever it is, the request must hear of it and leave
+                row = exc
+        with self._lock:
+            if request not in self._reading:  # ended by drain(): it has had its finish
+                return
+            self._reading.remove(request)
+            if ended or request.cancelled.is_set():
+                return
+            if isinstance(row, _Row):
+                self._rows.append(row)
+                self._lock.notify()
+        if isinstance(row, Exception):
+            request.emit("", f"error: {row}")
 
     def _send(self, request: Request, piece: str, finish: str | None) -> None:
         """Emit now, or, for a :class:`Sink`, with the rest of this step's pieces (see _flush)."""

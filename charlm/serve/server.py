@@ -73,44 +73,54 @@ def serve(
         name: Engine(model.network, model.run.tokenizer, max_streams)
         for name, model in zip(model_ids([m.path for m in models]), models, strict=True)
     }
-    listening = _listen(host, port)  # before a word is said; uvicorn would log a taken port, exit with 3
-    port = listening.getsockname()[1]
+    listening = _listen(host, port)  # before a word is said
+    port = listening[0].getsockname()[1]
     if not api_key and not _loopback(host):
         on_status(
-            f"warning: serving on {host} without an API key: anyone who can reach it can use it "
-            "(set --api-key or CHARLM_API_KEY)"
+            f"warning: serving on {host or 'every interface'} without an API key: anyone who can reach "
+            "it can use it (set --api-key or CHARLM_API_KEY)"
         )
-    app = create_app(engines, api_key or None, limits)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
-    server = _Server(config, lambda: [engine.drain() for engine in engines.values()])
-    for engine in engines.values():
-        engine.start()
-    on_status(f"serving {', '.join(engines)} on http://{host}:{port} (pid {os.getpid()})")
     try:
-        server.run(sockets=[listening])
+        app = create_app(engines, api_key or None, limits)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+        server = _Server(config, lambda: [engine.drain() for engine in engines.values()])
+        for engine in engines.values():
+            engine.start()
+        shown = f"[{host}]" if ":" in host else host or "0.0.0.0"  # an IPv6 address in a URL; "": all
+        on_status(f"serving {', '.join(engines)} on http://{shown}:{port} (pid {os.getpid()})")
+        server.run(sockets=listening)
     finally:
         for engine in engines.values():
             engine.stop()
+        for sock in listening:
+            sock.close()
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host``:``port``, as uvicorn binds one (port 0: any free port).
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` names (port 0: any free port, the same on all),
+    as asyncio would make them for uvicorn: IPv6 ones IPv6 only, "" all interfaces. Made here so
+    that a taken port is an error before a word is said (uvicorn logged it and exited with 3).
 
     Raises:
         ServeError: the address is taken, or not one of this machine's.
     """
+    sockets: list[socket.socket] = []
     try:
-        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        listening = socket.socket(info[0], socket.SOCK_STREAM)
-    except OSError as exc:  # socket.gaierror: a host that does not resolve
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, address in dict.fromkeys((info[0], info[4]) for info in infos):
+            listening = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(listening)
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listening.bind((address[0], port, *address[2:]))
+            listening.listen(2048)  # now: with SO_REUSEADDR two bound sockets clash only here
+            port = listening.getsockname()[1]
+    except OSError as exc:  # socket.gaierror too: a host that does not resolve
+        for listening in sockets:
+            listening.close()
         raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    try:
-        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind(info[4])
-    except OSError as exc:
-        listening.close()
-        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return listening
+    return sockets
 
 
 def _loopback(host: str) -> bool:
