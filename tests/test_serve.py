@@ -471,6 +471,33 @@ def test_a_prompt_being_read_ends_once_and_frees_its_place(
             engine.stop()
 
 
+def test_a_long_prompt_of_n_choices_is_read_once(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """n choices of one long prompt are n rows of one text: it is read once (a 100,000-character
+    prompt with n=16 was read 16 times), and each choice's text is what it is read alone."""
+    from charlm.serve import engine as engine_module
+
+    real, reads = engine_module.read, []
+
+    def counted(*args: object, **kwargs: object) -> object:
+        reads.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "read", counted)
+    running = Running(trained_run)
+    try:
+        client = running.client()
+        many = client.completions.create(model="tiny", prompt=LONG, n=4, max_tokens=30, seed=7)
+        assert len(reads) == 1
+        monkeypatch.setattr(engine_module, "read", real)
+        running.engine._last_read = None  # read again, alone
+        for j, choice in enumerate(many.choices):
+            alone = client.completions.create(model="tiny", prompt=LONG, max_tokens=30, seed=7 + j)
+            assert choice.text == alone.choices[0].text
+            running.engine._last_read = None
+    finally:
+        running.close()
+
+
 def test_a_long_prompt_is_read_beside_the_streams(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A prompt too long for the batched steps is read in a thread of its own: the streams being
     generated go on meanwhile (read between steps, a 100,000-character prompt stopped them for

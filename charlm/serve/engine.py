@@ -25,7 +25,15 @@ from charlm.config import Cell, SampleConfig
 from charlm.data.tokenizer import StreamDecoder, Tokenizer
 from charlm.errors import CharlmError
 from charlm.generation.controls import StopMatcher
-from charlm.generation.sampling import HISTORY_TOKENS, TAIL_CHARS, Picker, make_generator, pick_rows, read
+from charlm.generation.sampling import (
+    HISTORY_TOKENS,
+    TAIL_CHARS,
+    Context,
+    Picker,
+    make_generator,
+    pick_rows,
+    read,
+)
 from charlm.model.network import RNNLM
 from charlm.model.stepper import Stepper
 
@@ -108,7 +116,7 @@ class _Row:
             self.pending = ids
             self.state = _parts(engine.stepper.zero_state(1))
         else:
-            context = read(engine.network, tokenizer, request.prompt, ids=prompt)
+            context = engine.read(request.prompt, prompt)
             self.state = engine.to_row_state(context.hidden)
             self.last = context.logits.float().cpu().numpy()[None, :]
         self.picker = Picker(config, make_generator(config.seed), tokenizer, 1, ids[-HISTORY_TOKENS:])
@@ -132,6 +140,7 @@ class Engine:
         self._arrived: list[Request] = []
         self._reading: list[Request] = []  # long prompts being read in the prompt thread
         self._prompts: ThreadPoolExecutor | None = None
+        self._last_read: tuple[str, Context] | None = None  # the prompt read last, and what it gave
         self._lock = threading.Condition()
         self._running = False
         self._draining = False  # drain() asked; the engine's thread ends the streams
@@ -202,6 +211,18 @@ class Engine:
             self._thread.join(timeout=10)
         if self._prompts is not None:
             self._prompts.shutdown(wait=False, cancel_futures=True)
+
+    def read(self, prompt: str, ids: list[int]) -> Context:
+        """The model's context after ``prompt`` (its tokens ``ids``): read at once by the module,
+        or the last read's again where it is the same text, since a request of n choices, or the
+        same prompt sent again, is n rows of one text (a 100,000-character prompt with n=16 was
+        read 16 times). Rows copy what they take from it: it is never changed."""
+        last = self._last_read
+        if last is not None and last[0] == prompt:
+            return last[1]
+        context = read(self.network, self.tokenizer, prompt, ids=ids)
+        self._last_read = (prompt, context)
+        return context
 
     def to_row_state(self, hidden: torch.Tensor | tuple[torch.Tensor, ...]) -> list:
         """A row's state from the model's (layers, 1, H) hidden state: the stepper's layout on the
