@@ -402,21 +402,30 @@ def test_a_client_that_leaves_a_plain_request_frees_its_rows(server: Running) ->
     assert server.engine.active == 0 and server.engine.steps - gone < 500
 
 
-def _slow_long_reads(monkeypatch: pytest.MonkeyPatch, seconds: float, error: Exception | None = None) -> None:
-    """Make the engine's read of a prompt over 64 characters take ``seconds`` (then fail with
-    ``error``, if given)."""
+def _before_reads(monkeypatch: pytest.MonkeyPatch, before: Callable[[str], None]) -> None:
+    """Call ``before(text)`` as the engine reads a prompt at once (it may wait, count or raise)."""
     from charlm.serve import engine as engine_module
 
     real = engine_module.read
 
-    def slow(model: object, tokenizer: object, text: str, *args: object, **kwargs: object) -> object:
+    def read(model: object, tokenizer: object, text: str, *args: object, **kwargs: object) -> object:
+        before(text)
+        return real(model, tokenizer, text, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "read", read)
+
+
+def _slow_long_reads(monkeypatch: pytest.MonkeyPatch, seconds: float, error: Exception | None = None) -> None:
+    """Make the engine's read of a prompt over 64 characters take ``seconds`` (then fail with
+    ``error``, if given)."""
+
+    def slow(text: str) -> None:
         if len(text) > 64:
             time.sleep(seconds)
             if error is not None:
                 raise error
-        return real(model, tokenizer, text, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine_module, "read", slow)
+    _before_reads(monkeypatch, slow)
 
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 3
@@ -474,21 +483,13 @@ def test_a_prompt_being_read_ends_once_and_frees_its_place(
 def test_a_long_prompt_of_n_choices_is_read_once(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """n choices of one long prompt are n rows of one text: it is read once (a 100,000-character
     prompt with n=16 was read 16 times), and each choice's text is what it is read alone."""
-    from charlm.serve import engine as engine_module
-
-    real, reads = engine_module.read, []
-
-    def counted(*args: object, **kwargs: object) -> object:
-        reads.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(engine_module, "read", counted)
+    reads: list[str] = []
+    _before_reads(monkeypatch, reads.append)
     running = Running(trained_run)
     try:
         client = running.client()
         many = client.completions.create(model="tiny", prompt=LONG, n=4, max_tokens=30, seed=7)
-        assert len(reads) == 1
-        monkeypatch.setattr(engine_module, "read", real)
+        assert reads == [LONG]
         running.engine._last_read = None  # read again, alone
         for j, choice in enumerate(many.choices):
             alone = client.completions.create(model="tiny", prompt=LONG, max_tokens=30, seed=7 + j)
@@ -502,15 +503,7 @@ def test_a_long_prompt_is_read_beside_the_streams(trained_run: Path, monkeypatch
     """A prompt too long for the batched steps is read in a thread of its own: the streams being
     generated go on meanwhile (read between steps, a 100,000-character prompt stopped them for
     seconds), and its text is charlm sample's."""
-    from charlm.serve import engine as engine_module
-
-    real = engine_module.read
-
-    def slow(*args: object, **kwargs: object) -> object:
-        time.sleep(1.5)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(engine_module, "read", slow)
+    _before_reads(monkeypatch, lambda text: time.sleep(1.5))
     running = Running(trained_run)
     try:
         client = running.client()
