@@ -159,7 +159,7 @@ def create_app(
             collect.cancel()
             for row in rows:
                 row.cancelled.set()
-        if not collect.done() or collect.cancelled():
+        if not collect.done():  # (cancelled above, but not yet run to its end)
             return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
         texts, reasons = collect.result()
         failed = next((r for r in reasons if r and r.startswith("error")), None)
@@ -331,9 +331,7 @@ async def _events(
 async def _json_body(request: HttpRequest) -> dict[str, Any]:
     try:
         body = json.loads(await request.body(), parse_constant=_not_json)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
-    except ValueError as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and NaN (see _not_json)
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")

@@ -300,18 +300,19 @@ class Engine:
     def _admit_read(self, request: Request) -> None:
         """:meth:`_admit` in the prompt thread: a request ended meanwhile (shutdown: it has had its
         finish; its client gone) is dropped, before its read where it can be."""
+        row: _Row | Exception | None = None
         with self._lock:
             ended = request not in self._reading or request.cancelled.is_set()
         if not ended:
             try:
-                row: _Row | Exception = _Row(request, self)
+                row = _Row(request, self)
             except Exception as exc:  # whatever it is, the request must hear of it and leave
                 row = exc
         with self._lock:
             if request not in self._reading:  # ended by drain(): it has had its finish
                 return
             self._reading.remove(request)
-            if ended or request.cancelled.is_set():
+            if request.cancelled.is_set():
                 return
             if isinstance(row, _Row):
                 self._rows.append(row)
