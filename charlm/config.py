@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -24,6 +25,14 @@ class Cell(str, Enum):
     gru = "gru"
     rnn = "rnn"  # tanh
     irnn = "irnn"  # ReLU, recurrent matrix initialised to the identity (Le, Jaitly and Hinton 2015)
+    mingru = "mingru"  # gates from the input alone, a parallel scan (Feng et al. 2024), in residual blocks
+    minlstm = "minlstm"
+
+    @property
+    def scan(self) -> bool:
+        """Whether the cell is a gated linear recurrence computed with a parallel scan (its layers
+        are residual blocks of width ``hidden``; see :mod:`charlm.model.scan`)."""
+        return self in (Cell.mingru, Cell.minlstm)
 
 
 class TokenizerKind(str, Enum):
@@ -95,16 +104,38 @@ class TokenizerConfig:
         _positive("--vocab-size", self.vocab_size)
 
 
+# The shape each cell gets where a field is not given (None): the classic cells' sizes are those
+# measured for them (docs/defaults.md); a scan model is small and deep, since on a budget of minutes
+# tokens seen per parameter matter more than width.
+CELL_DEFAULTS: dict[Cell, dict[str, Any]] = {
+    **{c: {"layers": 2, "hidden": 512, "embed": 512, "dropout": 0.1}
+       for c in (Cell.lstm, Cell.gru, Cell.rnn, Cell.irnn)},
+    **{c: {"layers": 3, "hidden": 192, "embed": 192, "dropout": 0.0} for c in (Cell.mingru, Cell.minlstm)},
+}  # fmt: skip
+
+# A scan model reads a corpus of this many tokens or fewer several times over in a budget of
+# minutes, and memorises it unless held back: there, where the user chose neither, it trains with
+# dropout 0.1 and weight decay 0.3; on a larger corpus with weight decay 0.1 alone (at the
+# equivalent of 10 CPU minutes, tinyshakespeare (1M tokens): 2.352 / 2.381 bpc against 2.573 /
+# 2.578 unregularised; python-stdlib (4M): 0.513 / 0.623 against 0.502 / 0.626; docs/scan-cells.md).
+SMALL_CORPUS_TOKENS = 2_000_000
+SMALL_CORPUS_REGULARISATION = {"dropout": 0.1, "weight_decay": 0.3}
+LARGE_CORPUS_REGULARISATION = {"dropout": 0.0, "weight_decay": 0.1}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the recurrent language model: embedding -> stacked cell -> dropout -> decoder."""
+    """Shape of the recurrent language model: embedding -> stacked cell -> dropout -> decoder.
+
+    ``layers``, ``hidden``, ``embed`` and ``dropout`` left as None take the cell's defaults
+    (:data:`CELL_DEFAULTS`); a saved config always holds numbers."""
 
     vocab_size: int = 0  # 0 until the tokenizer is built, then its vocabulary size
-    cell: Cell = Cell.lstm
-    layers: int = 2
-    hidden: int = 512  # tinyshakespeare, 10 minutes: 2.317 / 2.355 bpc against 2.419 / 2.461 for 384 (README)
-    embed: int = 512
-    dropout: float = 0.1  # locked (variational): on embeddings, between layers, before the output
+    cell: Cell = Cell.mingru
+    layers: int = None  # type: ignore[assignment]  # None: the cell's default
+    hidden: int = None  # type: ignore[assignment]
+    embed: int = None  # type: ignore[assignment]  # a scan cell's embedding is its width, hidden
+    dropout: float = None  # type: ignore[assignment]  # locked (variational): embeddings, between layers, output
     weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden matrices while training
     tie_weights: bool = False
     softmax: Softmax = Softmax.full
@@ -112,7 +143,19 @@ class ModelConfig:
     residual: bool = False  # add each stacked layer's input to its output (layers above the first)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "cell", Cell(self.cell))
+        defaults = CELL_DEFAULTS[self.cell]
+        for name in ("layers", "hidden", "dropout"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, defaults[name])
+        if self.embed is None:
+            object.__setattr__(self, "embed", self.hidden if self.cell.scan else defaults["embed"])
         _finite(self)
+        if self.cell.scan and self.embed != self.hidden:
+            raise ConfigError(
+                f"--cell {self.cell.value} embeds tokens in its width: --embed must equal --hidden "
+                f"(got {self.embed} and {self.hidden})"
+            )
         if self.vocab_size < 0:
             raise ConfigError(f"vocab_size must not be negative, got {self.vocab_size}")
         for name in ("layers", "hidden", "embed"):
@@ -141,7 +184,7 @@ class TrainConfig:
     clip: float | None = None  # None: the optimizer's default, see ``effective_clip``
     anneal: float = 0.5
     decay: float = 0.3  # the learning rate falls linearly to 0 over this last fraction of the run
-    epochs: int = 10
+    epochs: int | None = None  # None: no limit where --max-steps or --max-time ends the run, else 10
     max_steps: int | None = None
     max_time: float | None = None  # seconds
     val_fraction: float = 0.05
@@ -156,8 +199,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _finite(self, {"save_seconds": "--save-every"})
-        for name in ("batch_size", "bptt", "epochs", "eval_every"):
+        for name in ("batch_size", "bptt", "eval_every"):
             _positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        if self.epochs is not None:
+            _positive("--epochs", self.epochs)
         for name in ("save_steps", "save_seconds"):
             value = getattr(self, name)
             if value is not None:
@@ -178,6 +223,15 @@ class TrainConfig:
             raise ConfigError(f"--anneal must be in (0, 1], got {self.anneal}")
 
     @property
+    def epoch_limit(self) -> int | None:
+        """Passes over the corpus after which the run stops: ``epochs``, or where it is not given,
+        none when a step count or a time ends the run (``--max-time 30m`` trains 30 minutes, however
+        small the corpus), else 10."""
+        if self.epochs is not None:
+            return self.epochs
+        return None if self.max_steps is not None or self.max_time is not None else DEFAULT_EPOCHS
+
+    @property
     def effective_lr(self) -> float:
         """The learning rate used: the given one, or a default that works for the optimizer."""
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
@@ -195,6 +249,7 @@ class TrainConfig:
 # 3.134 (lr 4 / clip 1: 4.308 / 4.343; lr 1 / clip 1: 4.348 / 4.352). SGD takes large steps on a
 # tightly clipped gradient, so each optimizer has its own defaults. Adam at 3e-3 beat 2e-3 on both
 # corpora of the README's protocol (2.317 / 2.355 against 2.446 / 2.399 bpc on tinyshakespeare).
+DEFAULT_EPOCHS = 10
 DEFAULT_LR = {OptimizerKind.sgd: 20.0, OptimizerKind.adam: 3e-3}
 DEFAULT_CLIP = {OptimizerKind.sgd: 0.25, OptimizerKind.adam: 1.0}
 
@@ -262,6 +317,32 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def fit_to_corpus(config: RunConfig, tokens: int, given: Collection[str]) -> tuple[RunConfig, str | None]:
+    """A new run's regularisation for the size of its corpus (``tokens`` training tokens), where
+    its cell is a scan cell and the options in ``given`` (field names) do not set it; and what was
+    chosen and why, for the user (None: nothing was chosen)."""
+    if not config.model.cell.scan:
+        return config, None
+    small = tokens <= SMALL_CORPUS_TOKENS
+    chosen = {
+        name: value
+        for name, value in (SMALL_CORPUS_REGULARISATION if small else LARGE_CORPUS_REGULARISATION).items()
+        if name not in given
+    }
+    if not chosen:
+        return config, None
+    model = dataclasses.replace(config.model, dropout=chosen.get("dropout", config.model.dropout))
+    decay = chosen.get("weight_decay", config.train.weight_decay)
+    train = dataclasses.replace(config.train, weight_decay=decay)
+    what = " and ".join(f"{name.replace('_', ' ')} {value:g}" for name, value in chosen.items())
+    why = (
+        f"a corpus of {tokens:,} tokens is read many times over: {what} against memorising it"
+        if small
+        else f"a corpus of {tokens:,} tokens: {what}"
+    )
+    return dataclasses.replace(config, model=model, train=train), why
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([hms]?)")

@@ -17,8 +17,6 @@ from charlm.data.prepare import builtin_corpus
 TINY_MODEL = [
     "--hidden",
     "32",
-    "--embed",
-    "16",
     "--layers",
     "2",
     "--batch-size",

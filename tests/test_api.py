@@ -16,7 +16,7 @@ import charlm
 from charlm.training.report import StepReport
 from tests.conftest import invoke
 
-TINY = {"hidden": 32, "embed": 16, "batch_size": 8, "bptt": 16, "device": "cpu"}
+TINY = {"hidden": 32, "batch_size": 8, "bptt": 16, "device": "cpu"}
 
 
 def test_train_takes_the_cli_options_by_name(tmp_path: Path, corpus: Path) -> None:

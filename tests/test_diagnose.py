@@ -87,11 +87,14 @@ def test_diagnose_a_run_with_a_table_a_plot_and_json(run: Path, tmp_path: Path) 
         "diagnose", run, "--depth", "20", "--batches", "1", "--batch-size", "4", "--plot", tmp_path / "g.png"
     )
     assert result.exit_code == 0, result.output
-    assert "effective memory" in result.stdout and "spectral radius" in result.stdout
+    # the default cell (minGRU) has no recurrent matrix: its gradient through time is its decays'
+    assert "effective memory" in result.stdout and "spectral radius" not in result.stdout
     assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = invoke("diagnose", run, "--depth", "20", "--batches", "1", "--batch-size", "4", "--json")
     report = json.loads(result.stdout)
-    assert len(report["norms"]) == 21 and "layer 0 forget" in report["spectral_radii"]
+    assert len(report["norms"]) == 21 and report["spectral_radii"] == {}
+    result = invoke("diagnose", "--cell", "lstm", "--layers", "1", "--hidden", "16", "--depth", "10")
+    assert "spectral radius" in result.stdout and "layer 0 forget" in result.stdout
 
 
 def test_diagnose_a_fresh_model_and_the_task(tmp_path: Path) -> None:

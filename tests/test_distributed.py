@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tests.conftest import metrics
 
 OPTIONS = [
-    "--batch-size", "8", "--bptt", "16", "--hidden", "32", "--embed", "16", "--dropout", "0",
+    "--batch-size", "8", "--bptt", "16", "--hidden", "32", "--dropout", "0",
     "--precision", "fp32", "--device", "cpu", "--eval-every", "6", "--decay", "0",
 ]  # fmt: skip
 

@@ -92,7 +92,7 @@ def test_several_samples_are_drawn_at_once_each_from_the_prime(corpus_text: str)
 
     tokenizer = train_tokenizer(corpus_text, TokenizerConfig())
     torch.manual_seed(0)
-    model = RNNLM(ModelConfig(vocab_size=tokenizer.vocab_size, hidden=16, embed=8))
+    model = RNNLM(ModelConfig(vocab_size=tokenizer.vocab_size, hidden=16))
 
     def texts(config: SampleConfig) -> list[str]:
         out = [""] * config.num_samples
@@ -111,7 +111,7 @@ def test_several_samples_are_drawn_at_once_each_from_the_prime(corpus_text: str)
     [("lstm", 1, "full", False), ("lstm", 3, "full", False), ("gru", 1, "full", False),
      ("gru", 3, "full", False), ("rnn", 1, "full", False), ("rnn", 3, "full", False),
      ("irnn", 2, "full", False), ("lstm", 2, "adaptive", False), ("lstm", 3, "full", True),
-     ("gru", 3, "full", True)],
+     ("gru", 3, "full", True), ("mingru", 2, "full", False), ("minlstm", 3, "adaptive", False)],
 )  # fmt: skip
 def test_stepper_gives_the_probabilities_of_the_model(
     cell: str, layers: int, softmax: str, residual: bool
@@ -123,7 +123,8 @@ def test_stepper_gives_the_probabilities_of_the_model(
 
     torch.manual_seed(0)
     config = ModelConfig(
-        vocab_size=70, cell=Cell(cell), layers=layers, hidden=48, embed=24, softmax=Softmax(softmax),
+        vocab_size=70, cell=Cell(cell), layers=layers, hidden=48, embed=48 if Cell(cell).scan else 24,
+        softmax=Softmax(softmax),
         residual=residual,
     )  # fmt: skip
     model = RNNLM(config).eval()

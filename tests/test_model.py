@@ -37,7 +37,7 @@ def test_tied_weights_share_one_tensor_and_need_equal_sizes() -> None:
     model = tiny(tie_weights=True)
     assert model.decoder.weight is model.embedding.weight
     with pytest.raises(ConfigError, match="--tie-weights"):
-        ModelConfig(vocab_size=11, hidden=8, embed=4, tie_weights=True)
+        ModelConfig(vocab_size=11, cell=Cell.lstm, hidden=8, embed=4, tie_weights=True)
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -74,7 +74,7 @@ def test_the_adaptive_softmax_is_a_distribution_and_its_loss_is_its_cross_entrop
 
     torch.manual_seed(0)
     model = RNNLM(
-        ModelConfig(vocab_size=300, hidden=16, embed=8, dropout=0.0, softmax=Softmax.adaptive)
+        ModelConfig(vocab_size=300, cell=Cell.lstm, hidden=16, embed=8, dropout=0.0, softmax=Softmax.adaptive)
     ).eval()
     counts = torch.randint(0, 1000, (300,))
     model.sort_by_frequency(counts)

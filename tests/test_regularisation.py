@@ -25,7 +25,8 @@ def test_layer_by_layer_training_path_equals_the_fused_module_without_dropout(
 ) -> None:
     torch.manual_seed(0)
     model = RNNLM(
-        ModelConfig(vocab_size=11, hidden=12, embed=8, layers=3, cell=cell, dropout=0.0, residual=residual)
+        ModelConfig(vocab_size=11, hidden=12, embed=12 if cell.scan else 8, layers=3, cell=cell, dropout=0.0,
+                    residual=residual)
     )
     x = torch.randint(0, 11, (9, 4))
     model.train()
@@ -54,7 +55,10 @@ def test_locked_dropout_mask_is_the_same_at_every_time_step(p: float, seed: int)
 
 def test_weight_drop_masks_recurrent_weights_in_training_only() -> None:
     torch.manual_seed(0)
-    model = RNNLM(ModelConfig(vocab_size=7, hidden=16, embed=8, layers=1, dropout=0.0, weight_drop=0.5))
+    config = ModelConfig(
+        vocab_size=7, cell=Cell.lstm, hidden=16, embed=8, layers=1, dropout=0.0, weight_drop=0.5
+    )
+    model = RNNLM(config)
     x = torch.randint(0, 7, (6, 2))
     model.train()
     a, b = model(x)[0], model(x)[0]
@@ -76,7 +80,7 @@ def test_old_configs_load_without_weight_drop() -> None:
 
 def test_dynamic_evaluation_adapts_to_a_repeated_text_and_leaves_the_model_alone() -> None:
     torch.manual_seed(0)
-    model = RNNLM(ModelConfig(vocab_size=9, hidden=32, embed=16, layers=1, dropout=0.3))
+    model = RNNLM(ModelConfig(vocab_size=9, cell=Cell.lstm, hidden=32, embed=16, layers=1, dropout=0.3))
     ids = torch.randint(1, 9, (8,)).repeat(64)  # a text that repeats itself
     before = {k: v.clone() for k, v in model.state_dict().items()}
     static = total_nats(model, ids, 0).item()

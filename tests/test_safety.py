@@ -156,7 +156,7 @@ def test_non_finite_steps_are_skipped_and_recovered(
     corpus.write_text(builtin_corpus()[:20_000])
     config = RunConfig(
         TokenizerConfig(),
-        ModelConfig(hidden=32, embed=16),
+        ModelConfig(hidden=32),
         TrainConfig(batch_size=8, bptt=16, max_steps=30, eval_every=10, save_steps=4, device="cpu"),
     )
     run, train_ids, val_ids = prepare_run([corpus], config, tmp_path / "run")

@@ -24,7 +24,7 @@ def config(**train: object) -> RunConfig:
     }
     return RunConfig(
         tokenizer=TokenizerConfig(),
-        model=ModelConfig(hidden=32, embed=16, dropout=0.1),
+        model=ModelConfig(hidden=32, dropout=0.1),
         train=TrainConfig(**{**options, **train}),
     )
 
@@ -104,13 +104,13 @@ def test_plateau_anneals_the_learning_rate(
         return torch.tensor(next(scripted) * ids.numel(), dtype=torch.float64)  # nats summed over ids
 
     monkeypatch.setattr(module, "total_nats", total_nats)
-    cfg = config(max_steps=50, lr=5.0, decay=0.0, eval_every=10, anneal=0.5)
+    cfg = config(max_steps=50, lr=0.004, decay=0.0, eval_every=10, anneal=0.5)
     run, train_ids, val_ids = prepare_run([corpus], cfg, tmp_path / "run")
     fit(run, train_ids, val_ids)
     records = rundir.read_metrics(run.path)
     assert [r["val_loss"] for r in records] == pytest.approx([3.0, 2.0, 2.5, 2.6, 1.9])
     # the lr logged at a validation carries the annealing of the validations before it
-    assert [r["lr"] for r in records] == pytest.approx([5.0, 5.0, 5.0, 2.5, 1.25])
+    assert [r["lr"] for r in records] == pytest.approx([0.004, 0.004, 0.004, 0.002, 0.001])
 
 
 def test_trainer_carries_the_hidden_state_between_windows(
@@ -147,7 +147,7 @@ def test_a_bf16_autocast_step_learns_and_keeps_fp32_weights_and_state(softmax: s
     from charlm.config import Softmax
 
     torch.manual_seed(0)
-    model = RNNLM(ModelConfig(vocab_size=12, hidden=16, embed=8, dropout=0.0, softmax=Softmax(softmax)))
+    model = RNNLM(ModelConfig(vocab_size=12, hidden=16, dropout=0.0, softmax=Softmax(softmax)))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.arange(12).repeat(4).view(16, 3) % 12  # (T, B): a fixed cycle, easy to learn
     y = (x + 1) % 12

@@ -113,7 +113,10 @@ class TrainProgress:
         self._progress.start()  # a no-op once started
         self._progress.start_task(self._task)
         self._progress.update(
-            self._task, completed=report.fraction, epoch=f"{report.epoch}/{report.epochs}", step=report.step
+            self._task,
+            completed=report.fraction,
+            epoch=f"{report.epoch}/{report.epochs}" if report.epochs else str(report.epoch),
+            step=report.step,
         )
         self._progress.figures = Text(
             f"loss {report.loss:.3f}  ppl {math.exp(min(report.loss, 700)):.2f}  "

@@ -137,8 +137,12 @@ def diagnose_model(
 
 
 def spectral_radii(model: RNNLM) -> dict[str, float]:
-    """The spectral radius (largest |eigenvalue|) of each layer's recurrent matrix, per gate."""
+    """The spectral radius (largest |eigenvalue|) of each layer's recurrent matrix, per gate; none
+    for a scan cell, which has no recurrent matrix (its gradient through time is the product of
+    its decays alone)."""
     cell, hidden = model.config.cell, model.config.hidden
+    if cell.scan:
+        return {}
     gates: Sequence[str] = GATES.get(cell, ("recurrent",))
     radii = {}
     for layer in range(model.config.layers):

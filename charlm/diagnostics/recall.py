@@ -62,7 +62,10 @@ def train_recall(
     steps (batch 32, lr 3e-3, clipped at 1), then return its accuracy on new sequences."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    config = ModelConfig(vocab_size=VOCAB, cell=cell, layers=1, hidden=hidden, embed=16, dropout=0.0, **model)
+    embed = hidden if cell.scan else 16  # a scan cell embeds in its width
+    config = ModelConfig(
+        vocab_size=VOCAB, cell=cell, layers=1, hidden=hidden, embed=embed, dropout=0.0, **model  # type: ignore[arg-type]
+    )
     net = RNNLM(config)
     optimizer = torch.optim.Adam(net.parameters(), lr=LR)
     for _ in range(steps):

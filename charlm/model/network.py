@@ -1,5 +1,6 @@
-"""The recurrent language model: embedding -> stacked LSTM/GRU/RNN -> dropout -> output layer: a
-(tied) decoder and full softmax, or an adaptive softmax over frequency-sorted tokens."""
+"""The recurrent language model: embedding -> stacked LSTM/GRU/RNN, or residual blocks of a
+scan cell (:mod:`charlm.model.scan`) -> dropout -> output layer: a (tied) decoder and full softmax,
+or an adaptive softmax over frequency-sorted tokens."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from charlm.config import Cell, ModelConfig, Softmax
+from charlm.model.scan import ScanStack
 
 Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-"""(layers, B, H) for GRU and RNN; the pair (h, c) of such tensors for LSTM."""
+"""(layers, B, H) for GRU and RNN; the pair (h, c) of such tensors for LSTM; (layers, B, S) for a
+scan cell, S = :attr:`RNNLM.state_size` (its recurrence and its convolution's last inputs)."""
 
 _CELLS: dict[Cell, type[nn.RNNBase]] = {
     Cell.lstm: nn.LSTM,
@@ -38,13 +41,15 @@ class RNNLM(nn.Module):
         # The stack runs layer by layer while training (see :meth:`_layers`), which applies the
         # dropout between layers itself, so the fused module gets none.
         extra = {"nonlinearity": "relu"} if config.cell is Cell.irnn else {}
-        cell = _CELLS[config.cell]
         self.rnn: nn.Module
-        if config.residual:  # one module per layer, so each layer's output can take its input
+        if config.cell.scan:
+            self.rnn = ScanStack(config.hidden, config.layers, config.cell.value)
+        elif config.residual:  # one module per layer, so each layer's output can take its input
             sizes = [config.embed] + [config.hidden] * (config.layers - 1)
+            cell = _CELLS[config.cell]
             self.rnn = nn.ModuleList(cell(size, config.hidden, 1, **extra) for size in sizes)
         else:
-            self.rnn = cell(config.embed, config.hidden, config.layers, **extra)
+            self.rnn = _CELLS[config.cell](config.embed, config.hidden, config.layers, **extra)
         self.decoder: nn.Linear | None = None
         self.head: nn.AdaptiveLogSoftmaxWithLoss | None = None
         if config.softmax is Softmax.adaptive:
@@ -93,10 +98,15 @@ class RNNLM(nn.Module):
             return getattr(self.rnn[layer], f"{name}_l0")
         return getattr(self.rnn, f"{name}_l{layer}")
 
+    @property
+    def state_size(self) -> int:
+        """Floats of state per layer and stream (h alone; the LSTM has c too)."""
+        return self.rnn.state_size if isinstance(self.rnn, ScanStack) else self.config.hidden
+
     def init_hidden(self, batch_size: int) -> Hidden:
         """Zero hidden state for ``batch_size`` streams, on the model's device and dtype."""
         weight = self.embedding.weight
-        shape = (self.config.layers, batch_size, self.config.hidden)
+        shape = (self.config.layers, batch_size, self.state_size)
         if self.config.cell is Cell.lstm:
             return (weight.new_zeros(shape), weight.new_zeros(shape))
         return weight.new_zeros(shape)
@@ -131,7 +141,11 @@ class RNNLM(nn.Module):
             hidden: state from the previous window, or None for zeros.
         """
         emb = self.drop(self.embedding(tokens))  # (T, B, E)
-        if self.training or isinstance(self.rnn, nn.ModuleList):
+        if isinstance(self.rnn, ScanStack):
+            if hidden is None:
+                hidden = self.init_hidden(tokens.size(1))
+            output, hidden = self.rnn(emb, hidden)  # (T, B, H), (layers, B, S)
+        elif self.training or isinstance(self.rnn, nn.ModuleList):
             output, hidden = self._layers(emb, hidden)
         else:  # inference: the fused module, the same arithmetic without the dropout
             output, hidden = self.rnn(emb, hidden)  # (T, B, H)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from charlm.config import Cell
+from charlm.model import scan
 from charlm.model.network import RNNLM, Hidden
 
 Array = np.ndarray
@@ -93,10 +94,66 @@ class Linear:
         return out
 
 
+def _numpy(t: torch.Tensor) -> Array:
+    return t.detach().float().cpu().numpy()
+
+
+_A_MIN = float(np.exp(np.float32(scan.LOG_A_MIN)))
+
+
+def _rms_norm(x: Array, weight: Array | float) -> Array:
+    """``nn.RMSNorm`` of ``x`` (B, D), a new array."""
+    return x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + scan.NORM_EPS) * weight
+
+
+def _softplus(x: Array) -> Array:
+    """log(1 + exp(x)), without overflow."""
+    return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
+
+
+class _ScanBlock:
+    """One :class:`~charlm.model.scan.ScanLayer` for one time step: the convolution reads its last
+    K - 1 inputs from the state, the recurrence is ``h = a * h + b``, as the scan computes it."""
+
+    def __init__(self, block: scan.ScanLayer) -> None:
+        self.width, self.gates = block.width, block.gate_count
+        self.mingru = block.cell == "mingru"
+        self.norm = _numpy(block.norm.weight)
+        self.conv, self.conv_bias = _numpy(block.conv_weight), _numpy(block.conv_bias)  # (K, D), (D,)
+        self.mix = Linear(_numpy(block.mix.weight), _numpy(block.mix.bias))
+        self.out = Linear(_numpy(block.out.weight), None)
+        # the MLP's norm weight is folded into its first product: W (n(x) * w) = (W * w) n(x)
+        self.up = Linear(_numpy(block.up.weight) * _numpy(block.norm2.weight), _numpy(block.up.bias))
+        self.down = Linear(_numpy(block.down.weight), _numpy(block.down.bias))
+
+    def __call__(self, x: Array, state: Array) -> tuple[Array, Array]:
+        """The stream (B, D) after the block and the new state (B, K * D), from ``x`` (B, D)."""
+        D, K = self.width, scan.KERNEL
+        u = _rms_norm(x, self.norm)  # (B, D)
+        conv = self.conv_bias + u * self.conv[K - 1]
+        for j in range(K - 1):  # the state holds the inputs of the last K - 1 steps, oldest first
+            conv += self.conv[j] * state[:, D * (j + 1) : D * (j + 2)]
+        parts = self.mix(conv)  # (B, (G + 1) * D)
+        c, g = parts[:, (self.gates - 1) * D : self.gates * D], parts[:, self.gates * D :]
+        if self.mingru:  # a = 1 - z = exp(-softplus(k)), clamped as the scan clamps log a
+            gate = _sigmoid(parts[:, :D].copy())  # z
+            a = np.maximum(1.0 - gate, _A_MIN)
+        else:
+            diff = _softplus(-parts[:, :D]) - _softplus(-parts[:, D : 2 * D])  # log i - log f
+            a, gate = np.exp(np.maximum(-_softplus(diff), scan.LOG_A_MIN)), _sigmoid(diff)
+        h = a * state[:, :D] + gate * c  # (B, D)
+        x = x + self.out(h * g * _sigmoid(g.copy()))  # SiLU(g) = g * sigmoid(g)
+        m = self.up(_rms_norm(x, 1.0))  # (B, 4D): GELU, tanh form
+        m = 0.5 * m * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (m + 0.044715 * m**3)))
+        x = x + self.down(m)
+        return x, np.concatenate([h, state[:, 2 * D :], u], 1)
+
+
 class Stepper:
     """The recurrence of ``model`` for one time step of B streams (inference, CPU, float32).
 
-    State is a list, one entry per layer: (h, c) pairs of (B, H) arrays for LSTM, h (B, H) otherwise.
+    State is a list, one entry per layer: (h, c) pairs of (B, H) arrays for LSTM, (B, S) arrays
+    otherwise (h, or a scan cell's packed state).
     """
 
     @torch.no_grad()
@@ -104,6 +161,20 @@ class Stepper:
         config = model.config
         self.residual = config.residual
         self.cell, self.layers, self.hidden = config.cell, config.layers, config.hidden
+        self.state_size = model.state_size
+        self.model = model
+        self.full = model.decoder is not None  # else the adaptive softmax: through the module
+        if model.decoder is not None:
+            weight = model.decoder.weight.detach().float().cpu().numpy()  # (V, H)
+            self.output = Linear(weight, model.decoder.bias.detach().float().cpu().numpy())
+        if config.cell.scan:
+            self.table = _numpy(model.embedding.weight)  # (V, D)
+            self.blocks = [_ScanBlock(block) for block in model.rnn.blocks]
+            self.final_norm = _numpy(model.rnn.norm.weight)
+            if model.decoder is not None:  # the final norm's weight folded into the decoder
+                weight = _numpy(model.decoder.weight) * self.final_norm  # (V, H)
+                self.output, self.final_norm = Linear(weight, _numpy(model.decoder.bias)), np.float32(1.0)
+            return
 
         def weights(name: str) -> list[Array]:
             return [model.recurrent(name, i).detach().float().cpu().numpy() for i in range(self.layers)]
@@ -126,11 +197,6 @@ class Stepper:
         self.recurrent = [
             Linear(w_hh[i], b_hh[i]) if i == 0 or not self.fused else None for i in range(self.layers)
         ]
-        self.model = model
-        self.full = model.decoder is not None  # else the adaptive softmax: through the module
-        if model.decoder is not None:
-            weight = model.decoder.weight.detach().float().cpu().numpy()  # (V, H)
-            self.output = Linear(weight, model.decoder.bias.detach().float().cpu().numpy())
 
     def state_from(self, hidden: Hidden) -> list:
         """Convert ``nn.LSTM``-style hidden state ((layers, B, H), or a pair) to a Stepper state."""
@@ -145,13 +211,15 @@ class Stepper:
 
     def zero_state(self, rows: int) -> list:
         """The state of ``rows`` streams that have read nothing: zeros, as ``nn.LSTM`` starts."""
-        shape = (rows, self.hidden)
+        shape = (rows, self.state_size)
         if self.cell is Cell.lstm:
             return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(self.layers)]
         return [np.zeros(shape, np.float32) for _ in range(self.layers)]
 
     def step(self, tokens: Array, state: list) -> tuple[Array, list]:
         """Logits (B, V) for the token after ``tokens`` (B,) of ids, and the new state."""
+        if self.cell.scan:
+            return self._scan_step(tokens, state)
         H = self.hidden
         x = self.table  # replaced by each layer's output
         new_state = []
@@ -185,7 +253,19 @@ class Stepper:
                 h = np.tanh(gi)  # (B, H)
                 new_state.append(h)
             x = h + x if self.residual and i > 0 else h  # the residual connection adds the input
+        return self._scores(x), new_state
+
+    def _scan_step(self, tokens: Array, state: list) -> tuple[Array, list]:
+        x = self.table[tokens]  # (B, D), a copy
+        new_state = []
+        for block, s in zip(self.blocks, state, strict=True):
+            x, s = block(x, s)
+            new_state.append(s)
+        return self._scores(_rms_norm(x, self.final_norm)), new_state
+
+    def _scores(self, x: Array) -> Array:
+        """Logits (B, V) from the last layer's output ``x`` (B, H)."""
         if not self.full:
             with torch.no_grad():
-                return self.model.logits(torch.from_numpy(x)).numpy(), new_state  # (B, V)
-        return self.output(x), new_state  # (B, V)
+                return self.model.logits(torch.from_numpy(x)).numpy()
+        return self.output(x)

@@ -233,7 +233,8 @@ def _prepare_main(
         distributed.share(config.train.batch_size, ranks)
     if starting:
         cb.on_status(starting)
-    return _Prepared(*prepare_run(paths, config, run_dir, encoding, cb), None)
+    given = {OPTION_FIELDS[name][1] for name in changes if name in OPTION_FIELDS}
+    return _Prepared(*prepare_run(paths, config, run_dir, encoding, cb, given), None)
 
 
 def _prepare_peer(where: str, step: int | None, paths: list[Path], encoding: str) -> _Prepared:

@@ -143,7 +143,7 @@ class Trainer:
             if p.window >= self.steps_per_epoch:
                 if not self._validate():  # at least once an epoch, however small the corpus
                     continue  # went back to the last good state, maybe mid-epoch
-                if p.epoch >= tc.epochs:
+                if tc.epoch_limit is not None and p.epoch >= tc.epoch_limit:
                     return "epochs"
                 p.epoch, p.window = p.epoch + 1, 0
                 self.state.hidden = self.model.init_hidden(self.batch)
@@ -249,7 +249,7 @@ class Trainer:
         p, clock, nats = self.progress, self.clock, loss.item()
         self.cb.on_step(
             StepReport(
-                step=p.step, epoch=p.epoch, epochs=self.config.epochs, tokens=p.tokens, loss=nats,
+                step=p.step, epoch=p.epoch, epochs=self.config.epoch_limit, tokens=p.tokens, loss=nats,
                 bpc=nats / math.log(2) / self.chars_per_token, lr=self.lr,
                 grad_norm=float(self.state.grad_norm), clipped=p.clipped_steps / max(p.loss_steps, 1),
                 tokens_per_sec=clock.rate(p.tokens), elapsed=clock.elapsed(), fraction=clock.fraction(p.step),

@@ -16,7 +16,7 @@ class StepReport:
 
     step: int
     epoch: int  # 1-based
-    epochs: int
+    epochs: int | None  # None: no limit (a step count or a time ends the run)
     tokens: int
     loss: float  # training loss (nats/token) of the latest step
     bpc: float  # the same loss in bits per character (of the held-out text's characters per token)

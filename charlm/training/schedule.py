@@ -27,15 +27,17 @@ class Clock:
     def __init__(self, config: TrainConfig, steps_per_epoch: int, elapsed: float = 0.0) -> None:
         self.start = time.monotonic() - elapsed
         self.config = config
-        limit = config.epochs * steps_per_epoch
-        self.total_steps = max(1, min(limit, config.max_steps) if config.max_steps else limit)
+        limits = [config.max_steps] if config.max_steps else []
+        if config.epoch_limit is not None:
+            limits.append(config.epoch_limit * steps_per_epoch)
+        self.total_steps = max(1, min(limits)) if limits else None  # None: the time ends the run
         self._mark = (time.monotonic(), -1)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
     def fraction(self, step: int, elapsed: float | None = None) -> float:
-        done = step / self.total_steps
+        done = step / self.total_steps if self.total_steps else 0.0
         if self.config.max_time:
             done = max(done, (self.elapsed() if elapsed is None else elapsed) / self.config.max_time)
         return min(done, 1.0)

@@ -4,7 +4,7 @@ change), and the small builders the loop starts from (model, optimizer, this ran
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from charlm.config import ModelConfig, OptimizerKind, RunConfig, TrainConfig
+from charlm.config import ModelConfig, OptimizerKind, RunConfig, TrainConfig, fit_to_corpus
 from charlm.data.batches import batchify, token_counts
 from charlm.data.corpus import describe
 from charlm.data.prepare import prepare_corpus
@@ -38,8 +38,13 @@ def prepare_run(
     out: Path,
     encoding: str = "utf-8",
     callbacks: Callbacks | None = None,
+    given: Collection[str] | None = None,
 ) -> tuple[Run, torch.Tensor, torch.Tensor]:
     """Prepare the corpus (see :func:`charlm.data.prepare.prepare_corpus`) and create the run directory.
+
+    ``given``: the config fields the user set; a scan cell's regularisation not among them follows
+    the corpus's size (:func:`charlm.config.fit_to_corpus`, which says what it chose). None: all
+    were set (the config is used as it is).
 
     Returns:
         The run, the training ids (N,) and the validation ids (M,).
@@ -64,6 +69,10 @@ def prepare_run(
         model=dataclasses.replace(config.model, vocab_size=corpus.tokenizer.vocab_size),
         corpus=tuple(str(p) for p in paths),
     )
+    if given is not None:
+        config, why = fit_to_corpus(config, corpus.train_ids.numel(), given)
+        if why:
+            cb.on_status(why)
     run = rundir.create_run(out, config, corpus.tokenizer, corpus.val_text, corpus.sha256)
     return run, corpus.train_ids, corpus.val_ids
 

@@ -1,0 +1,154 @@
+"""The scan cells (minGRU, minLSTM): the parallel scan computes the recurrence it stands for, the
+window-by-window forward equals the token-by-token step that sampling uses, and a run of the
+default cell trains, samples, keeps a small state file and scores through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from charlm.config import Cell, ModelConfig
+from charlm.errors import ConfigError
+from charlm.model.network import RNNLM, detach_hidden
+from charlm.model.scan import CHUNK, LOG_A_MIN, linear_scan
+from charlm.model.stepper import Stepper
+from tests.conftest import invoke
+
+SCAN_CELLS = [Cell.mingru, Cell.minlstm]
+
+
+def recurrence(log_a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """h_t = a_t * h_{t-1} + b_t, one step after the other."""
+    out = []
+    for t in range(b.size(0)):
+        h = torch.exp(log_a[t].clamp(min=LOG_A_MIN)) * h + b[t]
+        out.append(h)
+    return torch.stack(out)
+
+
+@given(
+    steps=st.integers(1, 3 * CHUNK + 5), seed=st.integers(0, 2**16), scale=st.sampled_from([0.1, 2.0, 20.0])
+)
+@settings(max_examples=40, deadline=None)
+def test_the_parallel_scan_is_the_recurrence(steps: int, seed: int, scale: float) -> None:
+    """Any length (within a chunk, across chunk boundaries), decays from none to past the clamp."""
+    g = torch.Generator().manual_seed(seed)
+    log_a = -torch.rand(steps, 3, 5, generator=g) * scale  # (T, B, D)
+    b, h0 = torch.randn(steps, 3, 5, generator=g), torch.randn(3, 5, generator=g)
+    torch.testing.assert_close(linear_scan(log_a, b, h0), recurrence(log_a, b, h0), rtol=1e-5, atol=1e-5)
+
+
+def tiny(cell: Cell, layers: int = 2, hidden: int = 16) -> RNNLM:
+    torch.manual_seed(0)
+    return RNNLM(ModelConfig(vocab_size=23, cell=cell, layers=layers, hidden=hidden, dropout=0.0)).eval()
+
+
+@pytest.mark.parametrize("cell", SCAN_CELLS)
+@pytest.mark.parametrize("windows", [(7, 16, 25), (1, 40, 3, 1)])
+@torch.no_grad()
+def test_windows_with_carried_state_equal_the_token_by_token_step(
+    cell: Cell, windows: tuple[int, ...]
+) -> None:
+    """The scan over several windows, the state (recurrence and convolution inputs) carried from
+    one to the next, gives the outputs and final state of the NumPy step sampling uses (1e-5)."""
+    model = tiny(cell)
+    tokens = torch.randint(0, 23, (sum(windows), 2), generator=torch.Generator().manual_seed(3))
+    scores, hidden, start = [], None, 0
+    for length in windows:
+        out, hidden = model(tokens[start : start + length], hidden)  # (w, B, V)
+        scores.append(out)
+        hidden = detach_hidden(hidden)
+        start += length
+    stepper = Stepper(model)
+    state, stepped = stepper.zero_state(2), []
+    for t in range(tokens.size(0)):
+        logits, state = stepper.step(tokens[t].numpy(), state)
+        stepped.append(logits)
+    np.testing.assert_allclose(np.stack(stepped), torch.cat(scores).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.stack(state), hidden.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", SCAN_CELLS)
+def test_bf16_autocast_trains_with_the_scan_in_float32(cell: Cell) -> None:
+    model = tiny(cell).train()
+    tokens = torch.randint(0, 23, (40, 4), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, hidden = model(tokens[:-1], None, tokens[1:])
+    loss.backward()
+    assert torch.isfinite(loss) and hidden.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():
+        fp32, _ = model.eval()(tokens[:-1], None, tokens[1:])
+    assert abs(loss.item() - fp32.item()) < 0.05
+
+
+def test_the_gradient_through_time_is_the_product_of_the_decays() -> None:
+    """No repeated matrix: d h_T / d h_0 of one channel is the product of its decays."""
+    log_a = -torch.rand(30, 1, 4)
+    h0 = torch.randn(1, 4, requires_grad=True)
+    linear_scan(log_a, torch.randn(30, 1, 4), h0)[-1].sum().backward()
+    torch.testing.assert_close(h0.grad, torch.exp(log_a.sum(0)), rtol=1e-5, atol=1e-7)
+
+
+def test_a_scan_cell_embeds_in_its_width() -> None:
+    assert ModelConfig(cell=Cell.mingru, hidden=64).embed == 64
+    with pytest.raises(ConfigError, match="--embed must equal --hidden"):
+        ModelConfig(cell=Cell.mingru, hidden=64, embed=32)
+
+
+def test_each_cell_has_its_own_default_shape() -> None:
+    """The classic cells keep the shape they always had; the scan cells are small and deep."""
+    lstm = ModelConfig(cell=Cell.lstm)
+    assert (lstm.layers, lstm.hidden, lstm.embed, lstm.dropout) == (2, 512, 512, 0.1)
+    assert ModelConfig().cell is Cell.mingru
+    assert ModelConfig(cell=Cell.lstm, hidden=64).embed == 512
+
+
+@pytest.mark.parametrize("cell", SCAN_CELLS)
+def test_a_scan_run_trains_samples_and_keeps_a_small_state(tmp_path: Path, corpus: Path, cell: Cell) -> None:
+    out = tmp_path / "run"
+    args = ["--hidden", "32", "--layers", "2", "--batch-size", "8", "--bptt", "32", "--device", "cpu"]
+    result = invoke(
+        "train", corpus, "--out", out, "--cell", cell.value, "--max-steps", "30", "--eval-every", "10", *args
+    )
+    assert result.exit_code == 0, result.output
+    state = tmp_path / "s"
+    sampled = invoke("sample", out, "--prime", "The ", "--length", "40", "--seed", "2", "--save-state", state)
+    assert sampled.exit_code == 0, sampled.output
+    again = invoke("sample", out, "--prime", "The ", "--length", "40", "--seed", "2")
+    assert sampled.stdout == again.stdout and len(sampled.stdout) > 10
+    assert state.stat().st_size < 8_000  # 2 layers x 4 x 32 floats, the logits, the metadata
+    scored = invoke("eval", out, "--perplexity")
+    assert scored.exit_code == 0 and "bits per character" in scored.stdout
+
+
+def test_a_scan_run_on_a_small_corpus_is_regularised_and_says_why(tmp_path: Path, corpus: Path) -> None:
+    import json
+
+    args = ["--hidden", "16", "--layers", "1", "--batch-size", "4", "--bptt", "16", "--max-steps", "2"]
+    result = invoke("train", corpus, "--out", tmp_path / "a", *args)
+    assert result.exit_code == 0, result.output
+    assert "dropout 0.1 and weight decay 0.3 against memorising it" in result.output
+    saved = json.loads((tmp_path / "a" / "run.json").read_text())["config"]
+    assert (saved["model"]["dropout"], saved["train"]["weight_decay"]) == (0.1, 0.3)
+    # what the user sets stays theirs; the classic cells keep their defaults
+    result = invoke("train", corpus, "--out", tmp_path / "b", "--dropout", "0", *args)
+    assert "weight decay 0.3 against" in result.output and "dropout 0.1" not in result.output
+    result = invoke("train", corpus, "--out", tmp_path / "c", "--cell", "lstm", *args)
+    assert "against memorising" not in result.output
+
+
+def test_a_timed_run_has_no_epoch_limit_unless_given() -> None:
+    from charlm.config import TrainConfig
+    from charlm.training.schedule import Clock
+
+    assert TrainConfig().epoch_limit == 10
+    assert TrainConfig(max_time=60.0).epoch_limit is None
+    assert TrainConfig(max_time=60.0, epochs=3).epoch_limit == 3
+    clock = Clock(TrainConfig(max_time=60.0), steps_per_epoch=10)
+    assert clock.total_steps is None and clock.fraction(10_000, elapsed=30.0) == 0.5
