@@ -7,7 +7,12 @@ training file), the next 5% (validation) and the last 5% (test); train on the tr
 for the same wall-clock budget; score the other two slices. charlm is run exactly as a user would:
 ``charlm train train.txt --max-time BUDGET`` and ``charlm eval RUN --data valid.txt|test.txt``.
 
-The reference follows PyTorch's word_language_model example (``main.py``): a 2x512 LSTM on
+Two references, written here in plain PyTorch. ``gpt`` follows nanoGPT's README CPU recipe (see
+:func:`run_gpt`), scored with a sliding window of its block size; it keeps the checkpoint that
+scores best on the held-out tail, as charlm does, and reports beside it the checkpoint nanoGPT
+itself would keep (the best on the last 10% of the text: the validation and test slices), to
+check it against nanoGPT's own figure. ``lstm`` follows PyTorch's
+word_language_model example (``main.py``): a 2x512 LSTM on
 characters, plain SGD at lr 20 divided by 4 when its held-out loss stops improving, gradient norm
 clipped to 0.25, dropout 0.2, batch 20, BPTT 35, uniform(-0.1, 0.1) initialisation, fp32, the best
 model by held-out loss kept. It validates at every epoch end on the tail of the training file (the
@@ -208,6 +213,184 @@ def run_reference(paths: dict[str, Path], budget: float, seed: int = 1111) -> di
     }  # fmt: skip
 
 
+# ---------------------------------------------------------------- the transformer reference
+
+
+class Block(nn.Module):
+    """nanoGPT's Block: x + attn(ln(x)), then x + mlp(ln(x)); LayerNorm without bias."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(width, bias=False)
+        self.c_attn = nn.Linear(width, 3 * width, bias=False)
+        self.c_proj = nn.Linear(width, width, bias=False)
+        self.ln_2 = nn.LayerNorm(width, bias=False)
+        self.c_fc = nn.Linear(width, 4 * width, bias=False)
+        self.mlp_proj = nn.Linear(4 * width, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)  # (B, T, C) each
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp_proj(nn.functional.gelu(self.c_fc(self.ln_2(x))))
+
+
+class GPT(nn.Module):
+    """nanoGPT's GPT (model.py) as its README's CPU recipe sizes it: 4 layers of width 128, 4
+    heads, block 64, no dropout, no biases, tied embedding and output, its initialisation."""
+
+    def __init__(
+        self, vocab: int, width: int = 128, layers: int = 4, heads: int = 4, block: int = 64
+    ) -> None:
+        super().__init__()
+        self.block = block
+        self.wte = nn.Embedding(vocab, width)
+        self.wpe = nn.Embedding(block, width)
+        self.h = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width, bias=False)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+        for block_ in self.h:  # nanoGPT's scaled init of the residual projections
+            for proj in (block_.c_proj, block_.mlp_proj):
+                nn.init.normal_(proj.weight, 0.0, 0.02 / math.sqrt(2 * layers))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) of ``idx`` (B, T)."""
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+@torch.no_grad()
+def gpt_nats(model: GPT, ids: torch.Tensor, start_id: int, batch: int = 64, stride: int = 0) -> float:
+    """Summed loss of ``ids`` (N,) after a start-of-text newline, with a sliding window of the
+    model's block size moved by ``stride`` tokens (default half a block): each token is scored
+    once, with at least block - stride tokens of context (all it has near the start)."""
+    model.eval()
+    device = model.lm_head.weight.device
+    seq = torch.cat([torch.tensor([start_id]), ids])  # (N + 1,)
+    T, stride = model.block, stride or model.block // 2
+    starts = list(range(0, max(len(seq) - T, 0) + stride, stride))
+    total = 0.0
+    for i in range(0, len(starts), batch):
+        chunk = starts[i : i + batch]
+        windows = [seq[s : s + T + 1] for s in chunk]
+        width = max(len(w) for w in windows)
+        x = torch.stack([nn.functional.pad(w[:-1], (0, width - len(w))) for w in windows])  # (b, T)
+        y = torch.stack([nn.functional.pad(w[1:], (0, width - len(w)), value=-100) for w in windows])
+        for row, s in enumerate(chunk):  # score only what earlier windows did not
+            if s > 0:
+                y[row, : T - stride] = -100
+        logits = model(x.to(device))
+        y = y.to(device)
+        total += nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100, reduction="sum"
+        ).item()
+    model.train()
+    return total
+
+
+def run_gpt(paths: dict[str, Path], budget: float, seed: int = 1337, max_steps: int | None = None,
+            device: str = "cpu") -> dict:
+    """nanoGPT's README CPU recipe for ``budget`` seconds (validations included): batch 12 of
+    block 64, AdamW (lr 1e-3, betas 0.9 / 0.99, weight decay 0.1 on matrices, clip 1), 100 warmup
+    steps, then a cosine to 1e-4 over the budget (its step count set to fill it: the schedule
+    follows the elapsed time). It validates every 250 steps on the tail charlm holds out and keeps
+    the best, as nanoGPT does on its own validation split. ``max_steps``: a fixed step count
+    instead of the time (the schedule then follows the steps; for runs on a faster machine)."""
+    from charlm.config import TokenizerConfig
+    from charlm.data.prepare import split_text
+    from charlm.data.tokenizer import train_tokenizer
+
+    torch.manual_seed(seed)
+    text = paths["train"].read_text(encoding="utf-8")
+    fit_text, heldout = split_text(text, 0.05)
+    tok = train_tokenizer(fit_text, TokenizerConfig())
+
+    def ids(t: str) -> torch.Tensor:
+        return torch.from_numpy(tok.encode_array(t)).long()
+
+    train_ids, held_ids = ids(fit_text), ids(heldout)
+    model = GPT(tok.vocab_size).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-3, betas=(0.9, 0.99),
+    )  # fmt: skip
+    batch, block, warmup, lr_max, lr_min = 12, 64, 100, 1e-3, 1e-4
+    best, best_state, steps = math.inf, None, 0
+    generator = torch.Generator().manual_seed(seed)
+    # nanoGPT's own selection, for the check against its figure: it validates on the last 10% of
+    # the text it is given (here the validation and test slices), 20 batches of 12 windows
+    scored = torch.cat([ids(paths[s].read_text(encoding="utf-8")) for s in ("valid", "test")])
+    at = torch.randint(len(scored) - block - 1, (240,), generator=torch.Generator().manual_seed(seed))
+    nano_x = torch.stack([scored[i : i + block] for i in at]).to(device)  # (240, T)
+    nano_y = torch.stack([scored[i + 1 : i + 1 + block] for i in at]).to(device)
+    nano: dict = {"loss": math.inf, "state": None, "step": 0}
+
+    def validate() -> None:
+        nonlocal best, best_state
+        # windows side by side, to keep validating cheap (nanoGPT's own: 20 batches)
+        loss = gpt_nats(model, held_ids, tok.newline_id, stride=block) / held_ids.numel()
+        if loss < best:
+            best, best_state = loss, {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            model.eval()
+            own = nn.functional.cross_entropy(model(nano_x).flatten(0, 1), nano_y.flatten()).item()
+            model.train()
+        if own < nano["loss"]:
+            nano.update(loss=own, state={k: v.clone() for k, v in model.state_dict().items()}, step=steps)
+
+    start = time.monotonic()
+    while (elapsed := time.monotonic() - start) < budget if max_steps is None else steps < max_steps:
+        progress = elapsed / budget if max_steps is None else steps / max_steps
+        lr = lr_max * (steps + 1) / warmup if steps < warmup else (
+            lr_min + 0.5 * (1 + math.cos(math.pi * progress)) * (lr_max - lr_min))  # fmt: skip
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ix = torch.randint(len(train_ids) - block - 1, (batch,), generator=generator)
+        x = torch.stack([train_ids[i : i + block] for i in ix])  # (B, T)
+        y = torch.stack([train_ids[i + 1 : i + 1 + block] for i in ix])
+        x, y = x.to(device), y.to(device)
+        loss = nn.functional.cross_entropy(model(x).view(-1, tok.vocab_size), y.view(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        steps += 1
+        if steps % 250 == 0:
+            validate()
+    train_loss = loss.item()
+    validate()
+
+    def bpc(path: Path) -> float:
+        t = path.read_text(encoding="utf-8")
+        return gpt_nats(model, ids(t), tok.newline_id) / (math.log(2) * len(t))
+
+    model.load_state_dict(nano["state"])
+    nanogpt = {"valid": bpc(paths["valid"]), "test": bpc(paths["test"]), "step": nano["step"],
+               "val_loss": nano["loss"]}  # fmt: skip
+    model.load_state_dict(best_state)
+    return {
+        "valid": bpc(paths["valid"]), "test": bpc(paths["test"]),
+        "selected_as_nanogpt": nanogpt,
+        "heldout_bpc": best * held_ids.numel() / (math.log(2) * len(heldout)),
+        "steps": steps, "train_loss": train_loss, "heldout_loss": best,
+        "tokens_per_s": round(steps * batch * block / (time.monotonic() - start)),
+        "params": sum(p.numel() for p in model.parameters()),
+        "wall_s": round(time.monotonic() - start, 1),
+    }  # fmt: skip
+
+
 # ---------------------------------------------------------------- the protocol
 
 
@@ -219,7 +402,10 @@ def main() -> None:
     parser.add_argument("--no-stdlib", action="store_true", help="leave out the python-stdlib corpus")
     parser.add_argument("--stdlib-mb", type=float, default=4.5)
     parser.add_argument("--budget", type=float, default=600.0, help="training seconds for each system")
-    parser.add_argument("--systems", default="reference,charlm", help="which to run, in this order")
+    parser.add_argument(
+        "--systems", default="gpt,lstm,charlm",
+        help="which to run, in this order: gpt (nanoGPT's CPU recipe), lstm (word_language_model's), charlm",
+    )  # fmt: skip
     parser.add_argument("--charlm-args", default="", help="extra `charlm train` options (an ablation)")
     parser.add_argument("--no-dynamic", action="store_true", help="skip dynamic evaluation (minutes)")
     parser.add_argument("--json-out", type=Path, help="also write the JSON here")
@@ -247,8 +433,10 @@ def main() -> None:
             paths = split_corpus(text, Path(tmp))
             for system in systems:
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: {system} for {args.budget:g}s", file=sys.stderr)
-                if system == "reference":
+                if system == "lstm":
                     entry[system] = run_reference(paths, args.budget)
+                elif system == "gpt":
+                    entry[system] = run_gpt(paths, args.budget)
                 else:
                     entry[system] = run_charlm(
                         paths, args.budget, args.charlm_args.split(), Path(tmp), not args.no_dynamic
@@ -256,8 +444,11 @@ def main() -> None:
                     if args.keep:
                         shutil.copytree(Path(tmp) / "charlm-run", args.keep / name, dirs_exist_ok=True)
                 print(f"  {json.dumps(entry[system])}", file=sys.stderr)
-        if {"reference", "charlm"} <= set(entry):
-            entry["ratio"] = {s: entry["charlm"][s] / entry["reference"][s] for s in ("valid", "test")}
+        if "charlm" in entry:
+            entry["ratio"] = {
+                ref: {s: entry["charlm"][s] / entry[ref][s] for s in ("valid", "test")}
+                for ref in ("gpt", "lstm") if ref in entry
+            }  # fmt: skip
 
     print(f"\n{'corpus':<16} {'system':<10} {'valid bpc':>10} {'test bpc':>10} {'held-out':>9} {'steps':>7}")
     for name, entry in report["corpora"].items():
@@ -265,10 +456,8 @@ def main() -> None:
             r = entry[system]
             print(f"{name:<16} {system:<10} {r['valid']:>10.4f} {r['test']:>10.4f} "
                   f"{r['heldout_bpc']:>9.4f} {r['steps']:>7}")  # fmt: skip
-        if "ratio" in entry:
-            print(
-                f"{name:<16} {'ratio':<10} {entry['ratio']['valid']:>10.3f} {entry['ratio']['test']:>10.3f}"
-            )
+        for ref, ratio in entry.get("ratio", {}).items():
+            print(f"{name:<16} {'/ ' + ref:<10} {ratio['valid']:>10.3f} {ratio['test']:>10.3f}")
     print(json.dumps(report))
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=1))

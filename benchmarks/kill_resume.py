@@ -23,7 +23,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-MODEL = ["--hidden", "128", "--embed", "64", "--batch-size", "16", "--bptt", "32", "--device", "cpu"]
+MODEL = ["--hidden", "128", "--batch-size", "16", "--bptt", "32", "--device", "cpu"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

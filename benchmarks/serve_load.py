@@ -1,9 +1,9 @@
 """``charlm serve`` under load: 1, 8, 32 and 128 concurrent streaming clients, on loopback.
 
     python benchmarks/serve_load.py [--concurrency 1,8,32,128] [--tokens 200] [--seconds 4]
-                                    [--rounds 3] [--hidden 512] [--prompt "The "]
+                                    [--rounds 3] [--cell mingru] [--hidden H] [--prompt "The "]
 
-Trains a run of the default model shape (2 layers, ``--hidden`` units) for one step on CPython's own
+Trains a run of the default model (or ``--cell``, ``--layers``, ``--hidden``) for one step on CPython's own
 documentation (the weights do not change the cost), starts ``charlm serve`` on a free loopback
 port, and for each concurrency runs that many streaming ``/v1/completions`` clients at once, each
 sending requests of ``--tokens`` tokens one after another until ``--seconds`` have passed (the
@@ -201,15 +201,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200, help="tokens per request")
     parser.add_argument("--seconds", type=float, default=4.0, help="how long each level sends requests")
     parser.add_argument("--rounds", type=int, default=3, help="times each level is run (medians)")
-    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--cell", default="mingru", help="the run's cell (default: charlm's default)")
+    parser.add_argument("--layers", type=int, help="default: the cell's (see charlm train --help)")
+    parser.add_argument("--hidden", type=int, help="default: the cell's")
     parser.add_argument("--prompt", default="The ", help="every request's prompt")
     args = parser.parse_args()
     levels = sorted(int(c) for c in args.concurrency.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "pydoc.txt"
         corpus.write_text(builtin_corpus(), encoding="utf-8")
-        run = charlm.train(corpus, out=Path(tmp) / "run", max_steps=1, hidden=args.hidden, embed=args.hidden,
-                           device="cpu").run_dir  # fmt: skip
+        shape = {k: v for k, v in (("layers", args.layers), ("hidden", args.hidden), ("embed", args.hidden))
+                 if v is not None}  # fmt: skip
+        run = charlm.train(corpus, out=Path(tmp) / "run", max_steps=1, cell=args.cell, device="cpu",
+                           **shape).run_dir  # fmt: skip
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "charlm", "serve", str(run), "--port", str(port), "--device", "cpu",

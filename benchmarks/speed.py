@@ -19,7 +19,10 @@ symbols (charlm's char tokenizer adds 256 byte-fallback pieces: 324 outputs, on 
   (prime, set-up, picking, streaming decoding), for one sample of 1000 tokens and for 32 samples
   of 200 drawn at once (``--num-samples 32``), and both again with every sampling control on
   (stop string, banned strings, min-p, repetition, presence and frequency penalties);
-- start-up: the median wall time of ``charlm --help`` in a new process (five runs).
+- start-up: the median wall time of ``charlm --help`` in a new process (five runs);
+- the scan cell (``--cell mingru``, the default, at its default shape) beside an LSTM of about
+  the same parameter count: training, evaluation and sampling (1 and 32 streams) tokens/s, in the
+  same precision, batch and BPTT as above.
 
 Prints a table of absolute figures and ratios, then one JSON object.
 """
@@ -41,11 +44,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from charlm.config import ModelConfig, OptimizerKind, Precision, SampleConfig, TokenizerConfig
+from charlm.config import Cell, ModelConfig, OptimizerKind, Precision, SampleConfig, TokenizerConfig
 from charlm.data.tokenizer import train_tokenizer
 from charlm.device import resolve_device, resolve_precision
 from charlm.generation.sampling import generate, make_generator
-from charlm.model.network import RNNLM, detach_hidden
+from charlm.model.network import RNNLM, count_parameters, detach_hidden
 from charlm.model.scoring import evaluate
 from charlm.training.loop import train_step
 
@@ -143,7 +146,8 @@ def main() -> None:
         ref_opt.step()
         return x.numel()
 
-    model = RNNLM(ModelConfig(vocab_size=V, hidden=H, embed=H, layers=2, dropout=0.0)).to(device)
+    lstm = ModelConfig(vocab_size=V, cell=Cell.lstm, hidden=H, embed=H, layers=2, dropout=0.0)
+    model = RNNLM(lstm).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     ours: dict = {"h": model.init_hidden(B)}
 
@@ -199,6 +203,7 @@ def main() -> None:
     figures["sample32_charlm"] = rate(our_sample(32, 200), S, device)
     figures["sample1_charlm_controls"] = rate(our_sample(1, 1000, **CONTROLS), S, device)
     figures["sample32_charlm_controls"] = rate(our_sample(32, 200, **CONTROLS), S, device)
+    cells = compare_cells(V, tokenizer, x, y, eval_ids, autocast, S, device)
     startup = help_seconds()
     ratios = {
         "train (charlm / reference)": figures["train_charlm"] / figures["train_reference"],
@@ -221,6 +226,9 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"{name:<40} {value:>12.2f}")
     print(f"{'charlm --help (s)':<40} {startup:>12.3f}")
+    print(f"\n{'cell (parameters)':<28} {'train':>9} {'eval':>9} {'sample 1':>9} {'sample 32':>9}")
+    for name, row in cells.items():
+        print(f"{name:<28} " + " ".join(f"{row[k]:>9,.0f}" for k in ("train", "eval", "sample1", "sample32")))
     print(
         json.dumps(
             {
@@ -228,6 +236,7 @@ def main() -> None:
                 "ratios": {k: round(v, 3) for k, v in ratios.items()},
                 "config": {"hidden": H, "vocab": V, "batch": B, "bptt": T, "layers": 2},
                 "help_seconds": round(startup, 3),
+                "cells": {name: {k: round(v, 1) for k, v in row.items()} for name, row in cells.items()},
                 "device": where,
                 "precision": precision,
                 "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
@@ -237,6 +246,57 @@ def main() -> None:
             }
         )
     )
+
+
+def compare_cells(
+    V: int,
+    tokenizer: object,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eval_ids: torch.Tensor,
+    autocast: torch.dtype | None,
+    seconds: float,
+    device: torch.device,
+) -> dict[str, dict[str, float]]:
+    """Training, evaluation and sampling tokens/s of the default scan cell and of an LSTM of
+    about its parameter count (2 layers, the width that matches), each through charlm's own path."""
+    torch.manual_seed(0)
+    scan = RNNLM(ModelConfig(vocab_size=V)).to(device)
+    target = count_parameters(scan)
+    # a 2-layer LSTM of width w has about 16 w^2 + 2 V w parameters (embedding and decoder)
+    width = int((-(2 * V) + ((2 * V) ** 2 + 4 * 16 * target) ** 0.5) / 32)
+    lstm = RNNLM(ModelConfig(vocab_size=V, cell=Cell.lstm, hidden=width, embed=width, dropout=0.0)).to(device)
+    rows = {}
+    for model in (scan, lstm):
+        c = model.config
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        state = {"h": model.init_hidden(x.size(1))}
+
+        def train() -> int:
+            _, _, hidden, _ = train_step(model, opt, x, y, state["h"], 1.0, autocast)  # noqa: B023
+            state["h"] = detach_hidden(hidden)  # noqa: B023
+            return x.numel()
+
+        def score() -> int:
+            evaluate(model, eval_ids, eval_ids.numel(), 0, autocast=autocast)  # noqa: B023
+            return eval_ids.numel()
+
+        def sample(streams: int, length: int) -> Callable[[], int]:
+            def work() -> int:
+                config = SampleConfig(length=length, temperature=0.8, num_samples=streams)
+                for _ in generate(model, tokenizer, config, make_generator(0)):  # type: ignore[arg-type]  # noqa: B023
+                    pass
+                return length * streams
+
+            return work
+
+        model.train()
+        row = {"train": rate(train, seconds, device)}
+        model.eval()
+        row |= {"eval": rate(score, seconds, device), "sample1": rate(sample(1, 1000), seconds, device),
+                "sample32": rate(sample(32, 200), seconds, device)}  # fmt: skip
+        rows[f"{c.cell.value} {c.layers}x{c.hidden} ({count_parameters(model) / 1e6:.2f}M)"] = row
+    return rows
 
 
 if __name__ == "__main__":
