@@ -33,8 +33,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=TrainConfig().batch_size)
     parser.add_argument("--bptt", type=int, default=TrainConfig().bptt)
-    parser.add_argument("--hidden", type=int, default=ModelConfig().hidden)
     parser.add_argument("--cell", default=ModelConfig().cell.value)
+    parser.add_argument("--hidden", type=int, help="default: the cell's")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -49,8 +49,8 @@ def main() -> None:
             result = charlm.train(
                 corpus, out=Path(tmp) / precision.value, max_steps=args.steps, epochs=10_000,
                 eval_every=args.steps, batch_size=args.batch, bptt=args.bptt, device=args.device,
-                precision=precision, save_every="1000000000", hidden=args.hidden, embed=args.hidden,
-                cell=args.cell,
+                precision=precision, save_every="1000000000", cell=args.cell,
+                **({"hidden": args.hidden, "embed": args.hidden} if args.hidden else {}),
             )  # fmt: skip
             assert result.best is not None
             model = charlm.load(result.run_dir, device=args.device)

@@ -114,8 +114,9 @@ CELL_DEFAULTS: dict[Cell, dict[str, Any]] = {
 }  # fmt: skip
 
 # A scan model reads a corpus of this many tokens or fewer several times over in a budget of
-# minutes, and memorises it unless held back: there, where the user chose neither, it trains with
-# dropout 0.1 and weight decay 0.3; on a larger corpus with weight decay 0.1 alone (at the
+# minutes, and memorises it unless held back: there it trains with dropout 0.1 and weight decay
+# 0.3 (each where the user did not set it; weight decay with Adam only); on a larger corpus with
+# weight decay 0.1 alone (at the
 # equivalent of 10 CPU minutes, tinyshakespeare (1M tokens): 2.352 / 2.381 bpc against 2.573 /
 # 2.578 unregularised; python-stdlib (4M): 0.513 / 0.623 against 0.502 / 0.626; docs/scan-cells.md).
 SMALL_CORPUS_TOKENS = 2_000_000
@@ -151,6 +152,11 @@ class ModelConfig:
         if self.embed is None:
             object.__setattr__(self, "embed", self.hidden if self.cell.scan else defaults["embed"])
         _finite(self)
+        if self.cell.scan and (self.weight_drop or self.residual):
+            raise ConfigError(
+                f"--cell {self.cell.value} has no recurrent matrix to drop (--weight-drop) and its "
+                "layers are residual blocks already (--residual)"
+            )
         if self.cell.scan and self.embed != self.hidden:
             raise ConfigError(
                 f"--cell {self.cell.value} embeds tokens in its width: --embed must equal --hidden "
@@ -329,7 +335,8 @@ def fit_to_corpus(config: RunConfig, tokens: int, given: Collection[str]) -> tup
     chosen = {
         name: value
         for name, value in (SMALL_CORPUS_REGULARISATION if small else LARGE_CORPUS_REGULARISATION).items()
-        if name not in given
+        # SGD's weight decay is L2 at its lr of 20: 0.3 would multiply the weights by -5 a step
+        if name not in given and not (name == "weight_decay" and config.train.optimizer is OptimizerKind.sgd)
     }
     if not chosen:
         return config, None

@@ -152,3 +152,18 @@ def test_a_timed_run_has_no_epoch_limit_unless_given() -> None:
     assert TrainConfig(max_time=60.0, epochs=3).epoch_limit == 3
     clock = Clock(TrainConfig(max_time=60.0), steps_per_epoch=10)
     assert clock.total_steps is None and clock.fraction(10_000, elapsed=30.0) == 0.5
+
+
+def test_options_a_scan_cell_has_no_use_for_are_refused() -> None:
+    for option in ({"weight_drop": 0.2}, {"residual": True}):
+        with pytest.raises(ConfigError, match="no recurrent matrix"):
+            ModelConfig(cell=Cell.mingru, **option)
+
+
+def test_sgd_gets_no_weight_decay_from_the_corpus_rule() -> None:
+    """SGD's weight decay is L2 at lr 20: the rule's 0.3 would blow the weights up."""
+    from charlm.config import OptimizerKind, RunConfig, TokenizerConfig, TrainConfig, fit_to_corpus
+
+    config = RunConfig(TokenizerConfig(), ModelConfig(), TrainConfig(optimizer=OptimizerKind.sgd))
+    fitted, why = fit_to_corpus(config, 1000, given=())
+    assert fitted.train.weight_decay == 0.0 and fitted.model.dropout == 0.1 and "weight decay" not in why

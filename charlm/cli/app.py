@@ -208,7 +208,7 @@ def train(
     dropout: Annotated[
         float | None,
         typer.Option(
-            help=f"Locked dropout on embeddings, between layers and before the decoder "
+            help=f"Locked dropout on embeddings, between layers (classic cells) and before the decoder "
             f"(default: {_by_cell('dropout')}; scan cells: 0.1 on a corpus of up to 2M tokens).",
             show_default=False,
         ),
@@ -262,8 +262,8 @@ def train(
     weight_decay: Annotated[
         float,
         typer.Option(
-            help="Weight decay (decoupled, AdamW; L2 with sgd). Default 0; scan cells: 0.3 on a corpus "
-            "of up to 2M tokens, else 0.1.",
+            help="Weight decay (decoupled, AdamW; L2 with sgd). Default 0; scan cells with adam: 0.3 on "
+            "a corpus of up to 2M tokens, else 0.1.",
             show_default=False,
         ),
     ] = TRAIN.weight_decay,

@@ -176,11 +176,3 @@ class ScanStack(nn.Module):
             states.append(s)
         return self.norm(x), torch.stack(states)
 
-
-def scan_parameters(width: int, layers: int, vocab: int, gates: int = 2) -> int:
-    """Parameters of a scan model of this shape (embedding and decoder included), to size one."""
-    block = 2 * width + KERNEL * width + width  # norms, conv
-    block += width * (gates + 1) * width + (gates + 1) * width + width * width  # mix, out
-    block += 2 * MLP_RATIO * width * width + MLP_RATIO * width + width  # MLP
-    return layers * block + width + 2 * vocab * width + vocab
-
