@@ -72,9 +72,10 @@ def test_the_recall_task_asks_for_the_symbol_seen_distance_steps_before() -> Non
     assert torch.equal(y[7], x[0]) and (y[:7] == -100).all()
 
 
-def test_a_short_distance_is_learned() -> None:
-    assert train_recall(Cell.gru, 3, 150) >= 0.9
-    assert train_recall(Cell.gru, 3, 0) < 0.5  # untrained: about chance
+@pytest.mark.parametrize("cell", [Cell.gru, Cell.mingru])
+def test_a_short_distance_is_learned(cell: Cell) -> None:
+    assert train_recall(cell, 3, 150) >= 0.9
+    assert train_recall(cell, 3, 0) < 0.5  # untrained: about chance
 
 
 @pytest.fixture()
