@@ -46,6 +46,8 @@ def test_tied_weights_share_one_tensor_and_need_equal_sizes() -> None:
 @settings(max_examples=20, deadline=None)
 def test_carried_hidden_state_continues_the_sequence(cell: Cell, residual: bool, split: int) -> None:
     """Two windows with the state carried (and detached) give the logits of one long window."""
+    if cell.scan and residual:
+        pytest.skip("a scan cell's layers are residual blocks already (--residual is refused)")
     model = tiny(cell, residual=residual)
     tokens = torch.randint(0, 11, (20, 3), generator=torch.Generator().manual_seed(1))  # (T, B)
     whole, _ = model(tokens)
