@@ -175,16 +175,15 @@ class Stepper:
         self.state_size = model.state_size
         self.model = model
         self.full = model.decoder is not None  # else the adaptive softmax: through the module
+        # a scan model's final norm weight: folded into the decoder, W (n(x) * w) = (W * w) n(x)
+        self.final_norm: Array | float = _numpy(model.rnn.norm.weight) if config.cell.scan else 1.0
         if model.decoder is not None:
-            weight = model.decoder.weight.detach().float().cpu().numpy()  # (V, H)
-            self.output = Linear(weight, model.decoder.bias.detach().float().cpu().numpy())
+            weight = _numpy(model.decoder.weight) * self.final_norm  # (V, H)
+            self.output = Linear(weight, _numpy(model.decoder.bias))
+            self.final_norm = 1.0
         if config.cell.scan:
             self.table = _numpy(model.embedding.weight)  # (V, D)
             self.blocks = [_ScanBlock(block) for block in model.rnn.blocks]
-            self.final_norm = _numpy(model.rnn.norm.weight)
-            if model.decoder is not None:  # the final norm's weight folded into the decoder
-                weight = _numpy(model.decoder.weight) * self.final_norm  # (V, H)
-                self.output, self.final_norm = Linear(weight, _numpy(model.decoder.bias)), np.float32(1.0)
             return
 
         def weights(name: str) -> list[Array]:
