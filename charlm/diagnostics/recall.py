@@ -64,7 +64,13 @@ def train_recall(
     generator = torch.Generator().manual_seed(seed)
     embed = hidden if cell.scan else 16  # a scan cell embeds in its width
     config = ModelConfig(
-        vocab_size=VOCAB, cell=cell, layers=1, hidden=hidden, embed=embed, dropout=0.0, **model  # type: ignore[arg-type]
+        vocab_size=VOCAB,
+        cell=cell,
+        layers=1,
+        hidden=hidden,
+        embed=embed,
+        dropout=0.0,
+        **model,  # type: ignore[arg-type]
     )
     net = RNNLM(config)
     optimizer = torch.optim.Adam(net.parameters(), lr=LR)

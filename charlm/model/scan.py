@@ -175,4 +175,3 @@ class ScanStack(nn.Module):
             x, s = block(x, state[i])
             states.append(s)
         return self.norm(x), torch.stack(states)
-
