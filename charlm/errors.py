@@ -50,4 +50,4 @@ class ServeError(CharlmError):
 
 
 class PlotError(CharlmError):
-    """A plot cannot be made here (matplotlib is missing) or its file cannot be written."""
+    """A plot's file cannot be written."""

@@ -14,7 +14,6 @@ in a temporary directory and renames it into place, the others then find it comp
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import filelock
 import numpy as np
 
 from charlm.errors import CorpusError
@@ -56,12 +56,12 @@ def _locked(path: Path) -> Iterator[None]:
     where = f"cannot write the token cache in {path.parent}"
     with os_errors(CorpusError, where, _WRITABLE):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        lock = filelock.FileLock(path.with_name(path.name + ".lock"), thread_local=False)
+        lock.acquire()
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        lock.release()
 
 
 def _unique() -> str:

@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from charlm.errors import PlotError
+from charlm.extras import require
 from charlm.files import os_errors
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
+    require("plot", "a plot")
+    import matplotlib
 
-        matplotlib.use("Agg")  # files only: no screen needed
-        from matplotlib import pyplot
-    except ImportError as exc:
-        raise PlotError("plots need matplotlib: pip install 'charlm[plot]' (or matplotlib)") from exc
+    matplotlib.use("Agg")  # files only: no screen needed
+    from matplotlib import pyplot
+
     return pyplot
 
 

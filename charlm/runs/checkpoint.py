@@ -20,19 +20,29 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
 from safetensors import torch as safetensors_torch
 
 from charlm import __version__
+from charlm.config import RunConfig
 from charlm.errors import CheckpointError
 from charlm.files import reason, sync_dir, write_synced
 from charlm.model.network import RNNLM
 
-if TYPE_CHECKING:
-    from charlm.runs.rundir import Run
+
+class Run(Protocol):
+    """What a checkpoint needs of a run: its directory and config (a
+    :class:`charlm.runs.rundir.Run` is one; this module does not import that one, which imports it)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def config(self) -> RunConfig: ...
+
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"

@@ -1,21 +1,23 @@
 """One trainer per run directory.
 
 Two processes training into one run would interleave their checkpoints and metrics. ``RUN/.lock``
-is held with ``flock`` for as long as a trainer runs; the kernel releases it on any exit, SIGKILL
-included, so a lock file left behind by a dead process is noticed as stale and taken over. The file
-records the holder's pid and host for the message a second trainer gets.
+is held for as long as a trainer runs, through :mod:`filelock` (``flock`` on POSIX, ``msvcrt`` on
+Windows): the operating system releases it on any exit, SIGKILL included, so a lock file left
+behind by a dead process is noticed as stale and taken over. The file records the holder's pid and
+host for the message a second trainer gets.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 from pathlib import Path
 from types import TracebackType
 
+import filelock
+
 from charlm.errors import CheckpointError
-from charlm.files import os_errors, reason
+from charlm.files import reason
 
 LOCK_FILE = ".lock"
 
@@ -29,7 +31,14 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LOCK_FILE
         self.stale_holder: str | None = None
-        self._fd: int | None = None
+        self._lock = filelock.FileLock(self.path, timeout=0, thread_local=False, on_acquired=self._claim)
+
+    def _claim(self, fd: int) -> None:
+        """On taking the lock: note who the file named, then write our own name into it."""
+        self.stale_holder = _holder(fd) or None
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
 
     def acquire(self) -> RunLock:
         """Take the lock.
@@ -37,47 +46,28 @@ class RunLock:
         Raises:
             CheckpointError: another live process holds it, or the file cannot be created.
         """
-        while True:
-            with os_errors(CheckpointError, f"cannot create {self.path}"):
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if not isinstance(exc, BlockingIOError):
-                    os.close(fd)
-                    raise CheckpointError(f"cannot lock {self.path}: {reason(exc)}") from exc
-                holder = _holder(fd)
-                os.close(fd)
-                raise CheckpointError(
-                    f"{self.path.parent} is in use by another charlm train ({holder}); "
-                    "wait for it to finish or stop it"
-                ) from None
-            try:  # the holder before us may have unlinked the file as we opened it: lock the live one
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        self.stale_holder = _holder(fd) or None
         try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            self._lock.acquire()
+        except filelock.Timeout:
+            holder = _read_holder(self.path)
+            raise CheckpointError(
+                f"{self.path.parent} is in use by another charlm train ({holder}); "
+                "wait for it to finish or stop it"
+            ) from None
         except OSError as exc:
-            os.close(fd)
-            raise CheckpointError(f"cannot write {self.path}: {reason(exc)}") from exc
-        self._fd = fd
+            raise CheckpointError(f"cannot lock {self.path}: {reason(exc)}") from exc
         return self
 
     def release(self) -> None:
-        """Remove the file and drop the lock (unlink first, so no one locks a dying file)."""
-        if self._fd is None:
+        """Remove the file and drop the lock."""
+        if not self._lock.is_locked:
             return
         try:
             self.path.unlink(missing_ok=True)
+        except OSError:  # Windows keeps a held file: it goes with the release
+            pass
         finally:
-            os.close(self._fd)
-            self._fd = None
+            self._lock.release(force=True)
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -89,8 +79,17 @@ class RunLock:
 
 
 def _holder(fd: int) -> str:
-    """Who the lock file says holds it ("" if it says nothing)."""
+    """Who the open lock file says holds it ("" if it says nothing)."""
     try:
-        return os.pread(fd, 200, 0).decode("utf-8", errors="replace").strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 200).decode("utf-8", errors="replace").strip()
     except OSError:
         return ""
+
+
+def _read_holder(path: Path) -> str:
+    """Who the lock file at ``path`` says holds it."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[:200].strip() or "a process"
+    except OSError:
+        return "a process"
