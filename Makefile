@@ -1,5 +1,5 @@
 # charlm: `make demo` trains a small model for about a minute and shows what it learned;
-# `make test` runs the test suite. Both create the virtual environment on first use.
+# `make test` runs the test suite and builds the docs. Both create the virtual environment on first use.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,18 +8,31 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= checkpoints/demo
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint docs figures bench clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[all,dev,docs]"
 	touch $@
 
+# The test suite, then the documentation (so CI, which runs `make test`, checks the docs build too).
 test: install
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory docs
+
+# The documentation site (mkdocs, Material theme) into site/. --strict fails on any warning (a
+# broken link or anchor, a page missing from the nav, a docstring mkdocstrings cannot render), but
+# not with --quiet, which hides the warnings that strict mode counts: keep it off.
+docs: install
+	@test -x $(BIN)/mkdocs || $(BIN)/pip install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The docs' pictures (docs/images/*.png) from real runs on data/pydoc.txt: a few minutes.
+figures: install data/pydoc.txt
+	$(BIN)/python docs/figures.py
 
 lint: install
 	$(BIN)/ruff check charlm tests benchmarks
