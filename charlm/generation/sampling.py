@@ -1,148 +1,36 @@
 """Sampling text from a trained model: temperature, top-k, top-p (nucleus), a prime text, seeds,
-several samples at once, and streaming output one piece at a time."""
+several samples at once, and streaming output one piece at a time.
+
+The loop itself (picking, decoding, stop strings, the length, the batched recurrent step) is
+:class:`~charlm.generation.batch.BatchSampler`'s, which the server's engine runs too: here it
+runs ``num_samples`` samples of one prime.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from charlm.config import SampleConfig
-from charlm.data.tokenizer import StreamDecoder, Tokenizer
-from charlm.generation.controls import BanFilter, Penalties, StopMatcher, min_p_filter
+from charlm.data.tokenizer import Tokenizer
+from charlm.generation.batch import TAIL_CHARS, BatchSampler, RowDecoder, Stream
+from charlm.generation.picker import Picker, draw, filter_logits, pick_rows
+from charlm.generation.rows import Rows, fast_stepper
 from charlm.model.network import RNNLM, Hidden
-from charlm.model.stepper import Stepper
 
-
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) all but the ``top_k`` most likely tokens and, of those, all but the smallest
-    set whose probability reaches ``top_p``, along the last dimension of ``logits`` (..., V);
-    0 and 1 switch a filter off."""
-    if 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits
-
-
-class Picker:
-    """Chooses the next token of each of B streams from their logits, by ``config``: penalties,
-    banned text, temperature, top-k, top-p and min-p (see :mod:`charlm.generation.controls`).
-
-    Sampling inverts the cumulative distribution with one uniform number per row, in float64 so a
-    token of probability 0 is never hit: the draw ``torch.multinomial`` makes, done in NumPy with
-    the uniform numbers drawn from ``generator`` a block at a time, since one token at a time
-    pays per-call costs that dwarf the arithmetic (V is a few hundred).
-
-    Args:
-        tokenizer: needed for ``config.ban`` (the tokens' texts).
-        rows: B, for the penalties' counts.
-        history: the tokens before the first pick (the prime), which the penalties count.
-    """
-
-    _BLOCK = 4096  # uniform numbers drawn at once: 4096 steps of one stream, fewer of many
-
-    def __init__(
-        self,
-        config: SampleConfig,
-        generator: torch.Generator,
-        tokenizer: Tokenizer | None = None,
-        rows: int = 1,
-        history: Sequence[int] = (),
-    ) -> None:
-        self.config, self.generator = config, generator
-        self._uniform = np.empty((0, 0))
-        self._used = 0
-        self.penalties: Penalties | None = None
-        if config.repetition_penalty != 1 or config.presence_penalty or config.frequency_penalty:
-            self.penalties = Penalties(
-                rows, tokenizer.vocab_size if tokenizer else 0, config.penalty_window,
-                config.repetition_penalty, config.presence_penalty, config.frequency_penalty, history,
-            )  # fmt: skip
-        self.ban = BanFilter(tokenizer, config.ban) if config.ban and tokenizer is not None else None
-
-    def __call__(self, logits: torch.Tensor | np.ndarray, tails: Sequence[str] = ()) -> np.ndarray:
-        """Token ids (B,) for ``logits`` (B, V); ``tails`` are the rows' texts so far (their last
-        characters), which banned strings are matched against."""
-        config = self.config
-        x = logits.detach().cpu().numpy() if isinstance(logits, torch.Tensor) else logits
-        if self.penalties is not None:
-            x = self.penalties.apply(x.astype(np.float64))
-        if self.ban is not None:
-            x = self.ban.apply(x, tails)
-        ids = x.argmax(axis=-1) if config.temperature == 0 else self._draw(x)
-        if self.penalties is not None:
-            self.penalties.push(ids)
-        return ids
-
-    def _draw(self, x: np.ndarray) -> np.ndarray:
-        """Sample from ``x`` (B, V) at the temperature, through the filters."""
-        return draw(x, self.config, self._next(x.shape[0]))
-
-    @property
-    def alone(self) -> bool:
-        """Whether its picks depend on nothing but the logits and its random numbers (no penalties,
-        no banned strings): such pickers with the same controls can draw together (:func:`pick_rows`)."""
-        return self.penalties is None and self.ban is None
-
-    def _next(self, streams: int) -> np.ndarray:
-        """The next B uniform numbers in [0, 1)."""
-        if self._used >= self._uniform.shape[0] or self._uniform.shape[1] != streams:
-            rows = max(1, self._BLOCK // streams)
-            block = torch.rand((rows, streams), generator=self.generator, dtype=torch.float64)
-            self._uniform, self._used = block.numpy(), 0
-        self._used += 1
-        return self._uniform[self._used - 1]
-
-
-def draw(x: np.ndarray, config: SampleConfig, uniform: np.ndarray) -> np.ndarray:
-    """Token ids (B,) drawn from logits ``x`` (B, V) at ``config``'s temperature, through its top-k,
-    top-p and min-p filters, with one uniform number in [0, 1) per row (B,). Each row's id depends
-    on that row alone, so rows of different streams may be drawn together."""
-    x = x.astype(np.float64) / config.temperature
-    if config.top_k > 0 or config.top_p < 1:
-        x = filter_logits(torch.from_numpy(x), config.top_k, config.top_p).numpy()
-    x = min_p_filter(x, config.min_p)
-    cdf = np.cumsum(np.exp(x - x.max(axis=-1, keepdims=True)), axis=-1)  # unnormalised, (B, V)
-    u = uniform[:, None] * cdf[:, -1:]  # (B, 1)
-    ids = (cdf <= u).sum(axis=-1)  # the first index whose cdf exceeds u (cdf never decreases)
-    # u rounded up to the total (about one draw in 2**53): the most likely, never a masked one
-    return np.where(ids < x.shape[1], ids, x.argmax(axis=-1))
-
-
-def pick_rows(pickers: Sequence[Picker], logits: np.ndarray, tails: Sequence[str]) -> np.ndarray:
-    """The next token (B,) of B streams, each with a one-row :class:`Picker` of its own, from their
-    logits (B, V) and texts so far: the same ids as calling each picker on its row, but the
-    pickers that are :attr:`~Picker.alone` with equal controls draw in one vectorised call (a
-    server's many streams cost a few array operations a step, not a few per stream)."""
-    ids = np.empty(len(pickers), dtype=np.int64)
-    groups: dict[tuple[float, int, float, float], list[int]] = {}
-    for b, picker in enumerate(pickers):
-        c = picker.config
-        if picker.alone and c.temperature > 0:
-            groups.setdefault((c.temperature, c.top_k, c.top_p, c.min_p), []).append(b)
-        else:
-            ids[b] = picker(logits[b : b + 1], tails[b : b + 1])[0]
-    for rows in groups.values():
-        uniform = np.array([pickers[b]._next(1)[0] for b in rows])  # (G,): each stream's own draw
-        ids[rows] = draw(logits[rows], pickers[rows[0]].config, uniform)
-    return ids
-
+__all__ = [
+    "HISTORY_TOKENS", "READ_WINDOW", "TAIL_CHARS", "Context", "Generation", "Picker", "Sample", "draw",
+    "filter_logits", "generate", "make_generator", "pick_rows", "read", "sample_all", "sample_text",
+]  # fmt: skip
 
 # Tokens read per forward pass when reading a prime: a prime of any length in bounded memory.
 READ_WINDOW = 4096
-# How much of a prime's tail a started sample keeps: for the penalties' window and banned strings.
+# How much of a prime's tail a started sample keeps: for the penalties' window (and, TAIL_CHARS
+# characters, for banned strings).
 HISTORY_TOKENS = 1024
-TAIL_CHARS = 256
 
 
 @dataclass
@@ -182,69 +70,75 @@ def read(
     return Context(hidden, logits, history, tail, read_tokens)
 
 
-@torch.no_grad()
+class Generation:
+    """The samples of :func:`generate`: iterate it for (sample number, piece) as each piece becomes
+    certain; once it is exhausted, :attr:`tokens` and :attr:`stopped` say how each sample ended.
+
+    The model reads a newline (the start-of-text context it was scored with) and the prime, or the
+    prime on from ``start`` (a saved state), when iteration begins; then every sample is a stream
+    of one :class:`~charlm.generation.batch.BatchSampler`, all from the prime's state, all drawing
+    from one :class:`Picker` (one random generator: the seed's text), stepped together through a
+    :class:`~charlm.model.stepper.Stepper` on the CPU, through the module (cuDNN) on a GPU. A
+    sample ends at ``config.length`` tokens or at a stop string (see
+    :class:`~charlm.generation.controls.StopMatcher`), and leaves the batch then.
+    """
+
+    def __init__(
+        self,
+        model: RNNLM,
+        tokenizer: Tokenizer,
+        config: SampleConfig,
+        generator: torch.Generator,
+        start: Context | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.generator, self.start = generator, start
+        self.tokens = [0] * config.num_samples  # generated, a stop string's included
+        self.stopped = [False] * config.num_samples  # ended at a stop string (else at the length)
+        self._pieces = self._run()
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return self
+
+    def __next__(self) -> tuple[int, str]:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop early (as a generator's ``close``)."""
+        self._pieces.close()
+
+    @torch.no_grad()
+    def _run(self) -> Iterator[tuple[int, str]]:
+        model, tokenizer, config, start = self.model, self.tokenizer, self.config, self.start
+        model.eval()
+        n = config.num_samples
+        context = read(model, tokenizer, config.prime, start) if config.prime or start is None else start
+        picker = Picker(config, self.generator, tokenizer, n, context.history)
+        streams = [Stream(RowDecoder(tokenizer, config, picker, i, context.tail), index=i) for i in range(n)]
+        sampler = BatchSampler[Stream](Rows(model, fast_stepper(model)), tokenizer.unk_id)
+        sampler.join(streams, context.hidden, context.logits)
+        while sampler.going():
+            for stream, piece in sampler.pick():
+                if piece:
+                    yield stream.index, piece
+            sampler.advance()
+        for stream in streams:
+            self.tokens[stream.index] = stream.decoder.tokens
+            self.stopped[stream.index] = stream.decoder.stopped
+
+
 def generate(
     model: RNNLM,
     tokenizer: Tokenizer,
     config: SampleConfig,
     generator: torch.Generator,
     start: Context | None = None,
-    tokens: list[int] | None = None,
-    stopped: list[bool] | None = None,
-) -> Iterator[tuple[int, str]]:
-    """Yield (sample number, piece) for ``config.num_samples`` continuations of ``config.prime``
-    (the prime itself not included), all sampled at once, as each piece becomes certain. When
-    given, ``tokens`` and ``stopped`` (lists of ``num_samples``) receive each sample's token count
-    and whether it ended at a stop string.
-
-    The model reads a newline (the start-of-text context it was scored with) and the prime, or the
-    prime on from ``start`` (a saved state), then feeds back the tokens it picks, one row per
-    sample: through a :class:`Stepper` on the CPU, through the module (cuDNN) on a GPU. A sample
-    ends at ``config.length`` tokens or at a stop string (see :class:`StopMatcher`).
-    """
-    model.eval()
-    device = model.device
-    n = config.num_samples
-    context = read(model, tokenizer, config.prime, start) if config.prime or start is None else start
-    # every sample starts from the prime's state: (layers, n, H)
-    hidden = context.hidden
-    hidden = tuple(h.repeat(1, n, 1) for h in hidden) if isinstance(hidden, tuple) else hidden.repeat(1, n, 1)
-    last = context.logits.to(device).unsqueeze(0).repeat(n, 1)  # (n, V)
-    decoders = [StreamDecoder(tokenizer) for _ in range(n)]
-    stops = [StopMatcher(config.stop, config.include_stop) for _ in range(n)]
-    picker = Picker(config, generator, tokenizer, n, context.history)
-    tails = [context.tail] * n if picker.ban is not None else []
-    stepper = Stepper(model) if device.type == "cpu" else None
-    state = stepper.state_from(hidden) if stepper else hidden
-    for _ in range(config.length):
-        # No text encodes to the unknown piece (byte fallback), so the model must never say it.
-        last[:, tokenizer.unk_id] = -math.inf
-        ids = picker(last, tails)  # (n,)
-        for i, next_id in enumerate(ids.tolist()):
-            if stops[i].done:
-                continue
-            if tokens is not None:
-                tokens[i] += 1
-            text = decoders[i].push(next_id)
-            if text:
-                if tails:
-                    tails[i] = (tails[i] + text)[-TAIL_CHARS:]
-                shown = stops[i].push(text)
-                if shown:
-                    yield i, shown
-        if config.stop and all(s.done for s in stops):
-            break
-        if stepper is not None:
-            last, state = stepper.step(ids, state)  # (n, V), NumPy
-        else:
-            logits, state = model(torch.from_numpy(ids).to(device).view(1, n), state)  # (1, n, V)
-            last = logits[0]
-    for i, decoder in enumerate(decoders):
-        tail = stops[i].push(decoder.flush()) + stops[i].flush()
-        if stopped is not None:
-            stopped[i] = stops[i].done
-        if tail:
-            yield i, tail
+) -> Generation:
+    """``config.num_samples`` continuations of ``config.prime`` (the prime itself not included), all
+    sampled at once: a :class:`Generation`, which yields (sample number, piece) as each piece
+    becomes certain, and then holds each sample's token count and whether it ended at a stop
+    string."""
+    return Generation(model, tokenizer, config, generator, start)
 
 
 @dataclass(frozen=True)
@@ -271,12 +165,12 @@ def sample_all(
     for first in range(0, config.num_samples, batch):
         n = min(batch, config.num_samples - first)
         parts: list[list[str]] = [[] for _ in range(n)]
-        tokens, stopped = [0] * n, [False] * n
         rows = dataclasses.replace(config, num_samples=n, prime="")
-        for i, piece in generate(model, tokenizer, rows, generator, context, tokens, stopped):
+        run = generate(model, tokenizer, rows, generator, context)
+        for i, piece in run:
             parts[i].append(piece)
         for i in range(n):
-            yield Sample(first + i, "".join(parts[i]), tokens[i], stopped[i])
+            yield Sample(first + i, "".join(parts[i]), run.tokens[i], run.stopped[i])
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -1,41 +1,33 @@
 """Continuous batching for a recurrent model: every active request is a row of one batched step.
 
 A recurrent model's state is a few kilobytes per stream and does not grow with the text, so one
-thread advances every stream at once: each step it picks the next token of every row (each row
-with its own sampling controls and random generator, the same code as ``charlm sample``), drops
-the rows that have finished or whose client has gone, admits the rows that have arrived, and
-advances the rest in one batched recurrent step. A short prompt is read through the same steps,
-a token a step, beside the streams being generated. No KV cache, no padding: rows join and leave
-at any step.
+thread advances every stream at once: every request is a stream of one
+:class:`~charlm.generation.batch.BatchSampler`, the loop ``charlm sample`` runs (each stream with
+its own sampling controls and random generator), which picks the next token of every row, drops
+the rows that have finished or whose client has gone, and advances the rest in one batched
+recurrent step; between steps the engine admits the rows that have arrived. A short prompt is read
+through the same steps, a token a step, beside the streams being generated. No KV cache, no
+padding: rows join and leave at any step. The engine itself is admission, its thread, and the
+delivery of each step's pieces to the server's event loops.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from charlm.config import Cell, SampleConfig
-from charlm.data.tokenizer import StreamDecoder, Tokenizer
+from charlm.config import SampleConfig
+from charlm.data.tokenizer import Tokenizer
 from charlm.errors import CharlmError
-from charlm.generation.controls import StopMatcher
-from charlm.generation.sampling import (
-    HISTORY_TOKENS,
-    TAIL_CHARS,
-    Context,
-    Picker,
-    make_generator,
-    pick_rows,
-    read,
-)
+from charlm.generation.batch import TAIL_CHARS, BatchSampler, RowDecoder, Stream
+from charlm.generation.rows import Rows, fast_stepper
+from charlm.generation.sampling import HISTORY_TOKENS, Context, Picker, make_generator, read
 from charlm.model.network import RNNLM
-from charlm.model.stepper import Stepper
 
 # (piece of text or None, finish reason or None): a piece, then once ("", "stop" | "length")
 Emit = Callable[[str, str | None], None]
@@ -92,38 +84,32 @@ PREFILL_TOKENS = 64
 ENCODE_CHARS = 4096
 
 
-class _Row:
-    """A request being generated: its recurrent state, next-token scores and sampling state.
+class _Row(Stream):
+    """A request being generated: a stream of the engine's sampler, and, until the engine's thread
+    adds it to the batch, the state it starts from.
 
     A short prompt is not read here: its tokens (after the start-of-text newline) wait in
-    ``pending`` and go through the batched steps one a step; its first token is picked from the
-    scores after the last of them.
+    ``pending`` and go through the batched steps one a step, from a model that has read nothing;
+    its first token is picked from the scores after the last of them. A longer one (or any, where
+    there is no stepper) is read at once by the module.
     """
 
     def __init__(self, request: Request, engine: Engine, prompt: list[int] | None = None) -> None:
         config = request.config
         tokenizer = engine.tokenizer
-        self.request = request
         prompt = tokenizer.encode(request.prompt) if prompt is None else prompt
         ids = [tokenizer.newline_id, *prompt]  # start of text, as read() does
         request.prompt_tokens = len(prompt)
-        self.pending: list[int] = []
-        # Its state and scores are its own until it is first advanced; from then on on the CPU they
-        # are row ``slot`` of the engine's batch (see Engine._advance).
-        self.last: np.ndarray | None = None  # (1, V)
-        self.slot: int | None = None
+        self.context: Context | None = None  # the state it joins from; None: from nothing
+        pending: list[int] = []
         if engine.stepper is not None and request.prompt_tokens <= PREFILL_TOKENS:
-            self.pending = ids
-            self.state = _parts(engine.stepper.zero_state(1))
+            pending = ids
         else:
-            context = engine.read(request.prompt, prompt)
-            self.state = engine.to_row_state(context.hidden)
-            self.last = context.logits.float().cpu().numpy()[None, :]
-        self.picker = Picker(config, make_generator(config.seed), tokenizer, 1, ids[-HISTORY_TOKENS:])
-        self.decoder = StreamDecoder(tokenizer)
-        self.stop = StopMatcher(config.stop, config.include_stop)
-        self.tail = request.prompt[-TAIL_CHARS:]
-        self.done = False
+            self.context = engine.read(request.prompt, prompt)
+        picker = Picker(config, make_generator(config.seed), tokenizer, 1, ids[-HISTORY_TOKENS:])
+        super().__init__(RowDecoder(tokenizer, config, picker, tail=request.prompt[-TAIL_CHARS:]), pending)
+        self.request = request
+        self.joined = False
 
 
 class Engine:
@@ -135,7 +121,8 @@ class Engine:
 
     def __init__(self, network: RNNLM, tokenizer: Tokenizer, max_rows: int = 256) -> None:
         self.network, self.tokenizer, self.max_rows = network.eval(), tokenizer, max_rows
-        self.stepper = Stepper(network) if network.device.type == "cpu" else None
+        # the CPU's fast path, where there is one (set to None before start() for the module's)
+        self.stepper = fast_stepper(network)
         self._rows: list[_Row] = []
         self._arrived: list[Request] = []
         self._reading: list[Request] = []  # long prompts being read in the prompt thread
@@ -146,9 +133,7 @@ class Engine:
         self._draining = False  # drain() asked; the engine's thread ends the streams
         self._thread: threading.Thread | None = None
         self._out: dict[asyncio.AbstractEventLoop, list] = {}  # this step's pieces, by event loop
-        # On the CPU, the state (flat: see _parts) and scores of the rows of the last step, in order
-        self._batch: list[np.ndarray] = []
-        self._logits = np.zeros((0, 0), np.float32)
+        self._sampler: BatchSampler[_Row] | None = None  # the rows' states and text: the engine thread's
         self.steps = 0
 
     @property
@@ -176,10 +161,14 @@ class Engine:
             self._lock.notify()
 
     def start(self) -> None:
+        self._sampler = self._new_sampler()
         self._running = True
         self._prompts = ThreadPoolExecutor(1, thread_name_prefix="charlm-prompts")
         self._thread = threading.Thread(target=self._loop, name="charlm-engine", daemon=True)
         self._thread.start()
+
+    def _new_sampler(self) -> BatchSampler[_Row]:
+        return BatchSampler[_Row](Rows(self.network, self.stepper), self.tokenizer.unk_id)
 
     def drain(self) -> None:
         """End every stream now (shutting down): each gets its last piece and a finish reason.
@@ -198,6 +187,7 @@ class Engine:
             rows, arrived = self._rows, self._arrived + self._reading
             self._rows, self._arrived, self._reading, self._draining = [], [], [], False
         for row in rows:
+            row.left = True  # it leaves the batch at the next step
             row.request.emit("", "stop")
         for request in arrived:  # a prompt still being read is dropped when read (see _admit)
             request.emit("", "stop")
@@ -224,13 +214,6 @@ class Engine:
         self._last_read = (prompt, context)
         return context
 
-    def to_row_state(self, hidden: torch.Tensor | tuple[torch.Tensor, ...]) -> list:
-        """A row's state from the model's (layers, 1, H) hidden state: the stepper's layout on the
-        CPU, the tensors themselves elsewhere."""
-        if self.stepper is not None:
-            return _parts(self.stepper.state_from(hidden))
-        return list(hidden) if isinstance(hidden, tuple) else [hidden]
-
     def _loop(self) -> None:
         """Step until stopped; a failure of a step ends the streams it held, not the engine."""
         while self._running:
@@ -239,6 +222,7 @@ class Engine:
             except Exception as exc:  # the engine must outlive any one request
                 with self._lock:
                     rows, self._rows = self._rows, []
+                self._sampler = self._new_sampler()  # whatever state the step left
                 self._out = {}  # a finish held back here would be a row's second
                 for row in rows:
                     row.request.emit("", f"error: {exc}")
@@ -334,98 +318,44 @@ class Engine:
             loop.call_soon_threadsafe(_deliver, items)
 
     def _step(self, rows: list[_Row]) -> None:
-        """Pick a token for every row that has read its prompt, emit its text, drop finished rows,
-        advance the rest (and the prompts still being read) in one batched step."""
-        going: list[tuple[_Row, int]] = []
-        reading = [row for row in rows if row.pending]
-        picking = [row for row in rows if not row.pending]
-        ids: list[int] = []
-        if picking:
-            logits = self._scores(picking)  # (B, V), a copy
-            logits[:, self.tokenizer.unk_id] = -math.inf  # no text encodes to it (byte fallback)
-            tails = [row.tail for row in picking] if any(row.picker.ban for row in picking) else []
-            ids = pick_rows([row.picker for row in picking], logits, tails)
-        for row, token in zip(picking, ids, strict=True):
-            request = row.request
-            if request.cancelled.is_set():
-                row.done = True
-                continue
-            request.completion_tokens += 1
-            text = row.decoder.push(int(token))
-            if text:
-                row.tail = (row.tail + text)[-TAIL_CHARS:]
-                shown = row.stop.push(text)
-                if shown:
-                    self._send(request, shown, None)
-            if row.stop.done:
-                self._send(request, "", "stop")
-                row.done = True
-            elif request.completion_tokens >= request.config.length:
-                rest = row.stop.push(row.decoder.flush()) + row.stop.flush()
-                if rest:
-                    self._send(request, rest, None)
-                self._send(request, "", "length")
-                row.done = True
-            else:
-                going.append((row, int(token)))
-        for row in reading:
+        """One step of the sampler: the rows admitted since the last join it, every row that has
+        read its prompt picks a token and sends its text, finished rows and rows whose client has
+        gone are dropped, and the rest advance in one batched step (with the prompts still being
+        read)."""
+        sampler = self._sampler
+        assert sampler is not None
+        for row in rows:
             if row.request.cancelled.is_set():
-                row.done = True
-            else:
-                going.append((row, row.pending.pop(0)))
+                row.left = True
+            elif not row.joined:
+                if row.decoder.finish is not None:  # nothing to generate (a length of 0)
+                    self._send(row.request, "", row.decoder.finish)
+                    row.left = True
+                    continue
+                if row.context is None:
+                    sampler.join([row])  # to read its prompt through the steps
+                else:
+                    sampler.join([row], row.context.hidden, row.context.logits)
+                row.joined, row.context = True, None
+        for row, text in sampler.pick():
+            request = row.request
+            request.completion_tokens = row.decoder.tokens
+            if text:
+                self._send(request, text, None)
+            if row.decoder.finish is not None:
+                self._send(request, "", row.decoder.finish)
+                row.left = True
         self._flush()
         with self._lock:
-            self._rows = [r for r in self._rows if not r.done]
+            self._rows = [r for r in self._rows if not r.left]
+        going = sampler.going()
         if going:
             self._advance(going)
+        else:  # every row has left: the batch empties, with no step
+            sampler.advance(going)
         self.steps += 1
 
-    def _scores(self, rows: list[_Row]) -> np.ndarray:
-        """The next-token scores (B, V) of ``rows``, a new array."""
-        if all(row.slot is not None for row in rows):  # (slots are the CPU's alone)
-            return self._logits[[row.slot for row in rows]]
-        return np.concatenate([self._logits[row.slot : row.slot + 1] if row.slot is not None else row.last
-                               for row in rows])  # fmt: skip
-
-    def _advance(self, going: list[tuple[_Row, int]]) -> None:
-        """One batched recurrent step of the rows that go on, with the tokens just picked."""
-        rows = [row for row, _ in going]
-        tokens = np.array([token for _, token in going])
-        if self.stepper is not None:
-            # The state of the rows as one batch: last step's arrays as they are while the same
-            # rows go on in the same order (most steps), else gathered row by row.
-            slots = [row.slot for row in rows]
-            if slots != list(range(len(self._batch[0]) if self._batch else 0)):
-                state = [
-                    np.concatenate([part[r.slot : r.slot + 1] if r.slot is not None else r.state[j]
-                                    for r in rows])
-                    for j, part in enumerate(self._batch or rows[0].state)
-                ]  # fmt: skip
-            else:
-                state = self._batch
-            logits, new = self.stepper.step(tokens, _nested(state, self.stepper))  # (B, V)
-            self._batch, self._logits = _parts(new), logits
-            for b, row in enumerate(rows):
-                row.slot, row.state, row.last = b, [], None
-            return
-        device = self.network.device
-        hidden = [torch.cat([r.state[j] for r in rows], 1) for j in range(len(rows[0].state))]
-        state = tuple(hidden) if len(hidden) == 2 else hidden[0]
-        out, new_state = self.network(torch.from_numpy(tokens).to(device).view(1, -1), state)  # (1, B, V)
-        parts = list(new_state) if isinstance(new_state, tuple) else [new_state]
-        scores = out[0].float().cpu().numpy()
-        for b, row in enumerate(rows):
-            row.state = [p[:, b : b + 1] for p in parts]
-            row.last = scores[b : b + 1]
-
-
-def _parts(state: list) -> list[np.ndarray]:
-    """A :class:`Stepper` state as a flat list of (B, H) arrays: h, c of each layer (LSTM), or h."""
-    return [a for layer in state for a in (layer if isinstance(layer, tuple) else (layer,))]
-
-
-def _nested(parts: list[np.ndarray], stepper: Stepper) -> list:
-    """:func:`_parts` undone."""
-    if stepper.cell is Cell.lstm:
-        return [(parts[2 * i], parts[2 * i + 1]) for i in range(stepper.layers)]
-    return list(parts)
+    def _advance(self, going: list[_Row]) -> None:
+        """One batched recurrent step of the rows that go on (the others leave the batch)."""
+        assert self._sampler is not None
+        self._sampler.advance(going)
