@@ -10,8 +10,10 @@ sample from Python is the one ``charlm`` prints for the same options and seed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,12 @@ from charlm.training.launch import train_run
 _SAMPLE = SampleConfig()
 
 train = train_run  # charlm.train(corpus, out=..., resume=..., callbacks=..., stop=..., **options)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """``seed``, or a fresh random one where it is None: a seed to record beside samples drawn
+    without one, so that they can be drawn again."""
+    return seed if seed is not None else secrets.randbits(32)
 
 
 def load(
@@ -164,6 +172,72 @@ class Model:
         --output FILE.jsonl`` writes. ``options`` as :meth:`stream`'s (temperature, controls)."""
         config = SampleConfig(length=length, prime=prime, num_samples=num_samples, seed=seed, **options)
         return sample_all(self.network, self.run.tokenizer, config, make_generator(seed), state, batch)
+
+    def stream_samples(
+        self,
+        num_samples: int = 1,
+        prime: str = "",
+        length: int = _SAMPLE.length,
+        seed: int | None = None,
+        state: Context | None = None,
+        **options: Any,
+    ) -> Iterator[tuple[int, str]]:
+        """What ``charlm sample`` prints on stdout, as (sample index, text) in the order printed:
+        all samples are drawn at once (a batch costs little more than one), the first streams as
+        it is generated and the others follow it whole. Each sample starts with ``prime`` and ends
+        with a newline unless its text did. ``options`` as :meth:`stream`'s; empty texts are not
+        yielded.
+
+        Raises:
+            ConfigError: a value out of range. TypeError: an unknown option.
+        """
+        config = SampleConfig(length=length, prime=prime, num_samples=num_samples, seed=seed, **options)
+        texts: list[list[str]] = [[prime] for _ in range(num_samples)]
+        if prime:
+            yield 0, prime
+        pieces = generate(self.network, self.run.tokenizer, config, make_generator(seed), state)
+        for i, piece in pieces:
+            if i == 0:
+                yield 0, piece
+            texts[i].append(piece)
+        for i, parts in enumerate(texts):
+            if i > 0:
+                yield i, "".join(parts)
+            if not parts[-1].endswith("\n"):
+                yield i, "\n"
+
+    def sample_records(
+        self,
+        num_samples: int = 1,
+        prime: str = "",
+        length: int = _SAMPLE.length,
+        seed: int | None = None,
+        state: Context | None = None,
+        batch: int = 64,
+        **options: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """The JSON objects ``charlm sample --output FILE.jsonl`` writes, one a sample as each batch
+        of :meth:`samples` ends: ``sample`` (its index), ``text`` (the prime not included),
+        ``tokens``, ``stopped``, ``seed`` and ``parameters`` (the sampling options, the run and the
+        checkpoint). Without a ``seed`` a random one is drawn and recorded, so that the samples can
+        be drawn again. Plain JSON values: a record equals its own JSON round trip.
+
+        Raises:
+            ConfigError: a value out of range. TypeError: an unknown option.
+        """
+        seed = resolve_seed(seed)
+        config = SampleConfig(length=length, prime=prime, num_samples=num_samples, seed=seed, **options)
+        parameters: dict[str, Any] = {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in dataclasses.asdict(config).items()
+            if name not in ("seed", "num_samples")
+        }
+        parameters.update(run=str(self.path), checkpoint=self.checkpoint)
+        for s in self.samples(num_samples, prime, length, seed, state, batch, **options):
+            yield {
+                "sample": s.index, "text": s.text, "tokens": s.tokens, "stopped": s.stopped,
+                "seed": seed, "parameters": dict(parameters),
+            }  # fmt: skip
 
     def conversation(self, state: Context | None = None, **options: Any) -> Conversation:
         """A chat: ``.reply(line)`` yields the model's continuation of each line in pieces, and the
