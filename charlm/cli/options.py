@@ -1,0 +1,121 @@
+"""What the commands share, declared once: the options several commands take (as ``Annotated``
+aliases, with help and defaults from the config dataclasses, so the CLI, the library and the
+benchmarks agree), the stderr console, the exit codes, and the guard that turns a library error into
+one line and an exit code.
+
+Nothing here imports torch: ``charlm --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from charlm.config import CheckpointTag, ModelConfig, SampleConfig, TokenizerConfig, TrainConfig
+from charlm.errors import CharlmError
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+stderr = Console(stderr=True)
+T = TypeVar("T")
+# Option defaults come from the config dataclasses, so the CLI, the library and the benchmarks agree.
+TOK, MODEL, TRAIN, SAMPLE = TokenizerConfig(), ModelConfig(), TrainConfig(), SampleConfig()
+
+Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+RunArg = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Run directory; default: the most recent run under checkpoints/.", show_default=False
+    ),
+]
+Tag = Annotated[CheckpointTag, typer.Option(help="Which checkpoint of the run.")]
+Encoding = Annotated[str, typer.Option(help="Text encoding of the input text.")]
+Data = Annotated[
+    list[Path] | None,
+    typer.Option(
+        help="Use this text instead of the run's held-out split: a file, a directory or a quoted glob "
+        "pattern, compressed or not (repeat for several, read as one text).",
+        show_default=False,
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
+# The sampling options `sample` and `chat` share.
+Temp = Annotated[float, typer.Option(help="Temperature; 0 picks the most likely token.")]
+TopK = Annotated[int, typer.Option(help="Sample from the k most likely tokens (0: all).")]
+TopP = Annotated[float, typer.Option(help="Sample from the smallest set with this probability (1: all).")]
+MinP = Annotated[float, typer.Option(help="Drop tokens less likely than this times the likeliest (0: off).")]
+Length = Annotated[int, typer.Option(help="Tokens to generate per sample (0: none).")]
+Seed = Annotated[
+    int | None, typer.Option(help="Random seed; the same seed gives the same text.", show_default=False)
+]
+Stop = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="End a sample when its text ends with this (repeatable); not printed.", show_default=False
+    ),
+]
+IncludeStop = Annotated[bool, typer.Option(help="Print the stop string that ended a sample.")]
+Ban = Annotated[
+    list[str] | None, typer.Option(help="Text that is never produced (repeatable).", show_default=False)
+]
+RepetitionPenalty = Annotated[
+    float, typer.Option(help="Divide recent tokens' positive scores by this (1: off).")
+]
+PresencePenalty = Annotated[
+    float, typer.Option(help="Subtract this from the scores of recent tokens (0: off).")
+]
+FrequencyPenalty = Annotated[
+    float, typer.Option(help="Subtract this per occurrence among recent tokens (0: off).")
+]
+PenaltyWindow = Annotated[int, typer.Option(help="Recent tokens the penalties count, the prime's included.")]
+StateFile = Annotated[
+    Path | None,
+    typer.Option(help="Start from this state file (see sample --save-state).", show_default=False),
+]
+
+
+def guard(ctx: typer.Context, action: Callable[[], T]) -> T:
+    """Run ``action``; turn charlm errors and Ctrl-C into one line and an exit code."""
+    try:
+        return action()
+    except CharlmError as exc:
+        if debug(ctx):
+            raise
+        # An error every rank of a distributed run shares is said once, by rank 0.
+        shared = getattr(exc, "settled", False) and os.environ.get("RANK", "0") != "0"
+        if not (getattr(exc, "reported", False) or shared):
+            report(exc)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def debug(ctx: typer.Context) -> bool:
+    """Whether ``--debug`` asked for full tracebacks."""
+    return bool(ctx.obj and ctx.obj.get("debug"))
+
+
+def report(exc: CharlmError) -> None:
+    """An error, as one line on stderr."""
+    stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+
+
+def status(message: str) -> None:
+    """A line of progress on stderr: dim, or in colour for a warning."""
+    style = "bold yellow" if message.startswith("warning:") else "dim"
+    stderr.print(f"[{style}]{escape(message)}[/]", highlight=False, soft_wrap=True)
+
+
+def write(text: str) -> None:
+    """Stream text to stdout as soon as it is known."""
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,0 +1,239 @@
+"""``charlm train``: parse the options, hand them to :func:`charlm.training.launch.train_run`
+(the options typed, by name: the library's defaults are the CLI's), draw its progress on stderr,
+and end with the run's summary and an exit code (130 when interrupted, 143 when terminated).
+
+Under torchrun every rank runs this; errors every rank shares are said once, by rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from charlm.cli.options import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    MODEL,
+    TOK,
+    TRAIN,
+    Device,
+    Encoding,
+    guard,
+    report,
+    stderr,
+)
+from charlm.config import (
+    CELL_DEFAULTS,
+    DEFAULT_CLIP,
+    DEFAULT_LR,
+    Cell,
+    OptimizerKind,
+    Precision,
+    Softmax,
+    TokenizerKind,
+)
+
+
+def _per_optimizer(defaults: dict[OptimizerKind, float]) -> str:
+    return ", ".join(f"{kind.value} {value:g}" for kind, value in defaults.items())
+
+
+def _by_cell(name: str) -> str:
+    """A model field's default for each group of cells: "mingru, minlstm 4; lstm, gru, ... 2"."""
+    groups: dict[Any, list[str]] = {}
+    for cell, defaults in CELL_DEFAULTS.items():
+        groups.setdefault(defaults[name], []).append(cell.value)
+    return "; ".join(f"{', '.join(cells)} {value:g}" for value, cells in groups.items())
+
+
+def train(
+    ctx: typer.Context,
+    corpus: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Text files, directories (their text files, recursively) or quoted glob patterns; "
+            ".gz, .bz2 and .xz files are read as they are (with --resume: default, the run's own).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run directory (default: checkpoints/CORPUS-NAME, numbered if taken).", show_default=False
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the run in --out (default: the latest run of CORPUS, else the latest run) "
+            "exactly where its last checkpoint stopped, or start it if there is none yet and CORPUS "
+            "is given. Options given again must keep the run's values, except the stop conditions, "
+            "--eval-every, --save-every, --device and --precision."
+        ),
+    ] = False,
+    tokenizer: Annotated[TokenizerKind, typer.Option(help="SentencePiece model type.")] = TOK.kind,
+    vocab_size: Annotated[
+        int, typer.Option(help="Vocabulary size for bpe/unigram (char: all characters).")
+    ] = TOK.vocab_size,
+    cell: Annotated[
+        Cell,
+        typer.Option(
+            help="Recurrent cell: mingru and minlstm are gated linear recurrences trained with a "
+            "parallel scan, in residual blocks; lstm, gru, rnn and irnn the classic cells."
+        ),
+    ] = MODEL.cell,
+    layers: Annotated[
+        int | None, typer.Option(help=f"Stacked layers (default: {_by_cell('layers')}).", show_default=False)
+    ] = None,
+    hidden: Annotated[
+        int | None,
+        typer.Option(help=f"Hidden units per layer (default: {_by_cell('hidden')}).", show_default=False),
+    ] = None,
+    embed: Annotated[
+        int | None,
+        typer.Option(help="Embedding size (default: --hidden for scan cells, else 512).", show_default=False),
+    ] = None,
+    dropout: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Locked dropout on embeddings, between layers (classic cells) and before the decoder "
+            f"(default: {_by_cell('dropout')}; scan cells: 0.1 on a corpus of up to 2M tokens).",
+            show_default=False,
+        ),
+    ] = None,
+    weight_drop: Annotated[
+        float, typer.Option(help="DropConnect on the recurrent (hidden-to-hidden) weights while training.")
+    ] = MODEL.weight_drop,
+    tie_weights: Annotated[
+        bool, typer.Option(help="Share embedding and decoder weights (needs --embed = --hidden).")
+    ] = MODEL.tie_weights,
+    softmax: Annotated[
+        Softmax,
+        typer.Option(
+            help="Output layer: full, or adaptive (cheaper for bpe/unigram vocabularies of thousands "
+            "of pieces; not with --tie-weights)."
+        ),
+    ] = MODEL.softmax,
+    forget_bias: Annotated[
+        float, typer.Option(help="LSTM: initial bias of the forget gate (1 keeps memory from the start).")
+    ] = MODEL.forget_bias,
+    residual: Annotated[
+        bool, typer.Option(help="Residual connections between stacked layers (each adds its input).")
+    ] = MODEL.residual,
+    batch_size: Annotated[int, typer.Option(help="Parallel token streams per step.")] = TRAIN.batch_size,
+    bptt: Annotated[int, typer.Option(help="Tokens per truncated-BPTT window.")] = TRAIN.bptt,
+    optimizer: Annotated[
+        OptimizerKind, typer.Option(help="adam or sgd (both clipped and annealed on plateau).")
+    ] = TRAIN.optimizer,
+    lr: Annotated[
+        float | None,
+        typer.Option(help=f"Learning rate (default: {_per_optimizer(DEFAULT_LR)}).", show_default=False),
+    ] = None,
+    clip: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Clip the global gradient norm (default: {_per_optimizer(DEFAULT_CLIP)}).",
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            help="Stop after this many passes over the corpus (default: 10, or no limit with "
+            "--max-steps or --max-time).",
+            show_default=False,
+        ),
+    ] = None,
+    decay: Annotated[
+        float, typer.Option(help="Decay the learning rate linearly to 0 over this last fraction of the run.")
+    ] = TRAIN.decay,
+    weight_decay: Annotated[
+        float,
+        typer.Option(
+            help="Weight decay (decoupled, AdamW; L2 with sgd). Default 0; scan cells with adam: 0.3 on "
+            "a corpus of up to 2M tokens, else 0.1.",
+            show_default=False,
+        ),
+    ] = TRAIN.weight_decay,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many steps.", show_default=False)
+    ] = None,
+    max_time: Annotated[
+        str | None, typer.Option(help="Stop after this long: seconds or 90s, 10m, 1h.", show_default=False)
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="Held-out tail of the corpus for validation.")
+    ] = TRAIN.val_fraction,
+    eval_every: Annotated[
+        int, typer.Option(help="Validate (and checkpoint) every this many steps.")
+    ] = TRAIN.eval_every,
+    save_every: Annotated[
+        str,
+        typer.Option(help="Also save the latest state every N steps (500) or every so long (90s, 10m)."),
+    ] = f"{TRAIN.save_seconds:g}s",
+    seed: Annotated[
+        int, typer.Option(help="Random seed; the same seed repeats a run on the same machine.")
+    ] = TRAIN.seed,
+    sample_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Show a short sample every N steps (default: at each validation; 0: never); each is "
+            "also logged with its step in RUN/samples.jsonl.",
+            show_default=False,
+        ),
+    ] = TRAIN.sample_every,
+    device: Device = TRAIN.device,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            help="Arithmetic of the training step: auto uses bf16 autocast where the hardware runs it "
+            "natively (CUDA with bf16, CPUs with AVX-512 bf16 or AMX), fp32 elsewhere and with "
+            "--optimizer sgd. Validation scores in the same precision."
+        ),
+    ] = TRAIN.precision,
+    encoding: Encoding = "utf-8",
+) -> None:
+    """Train a language model on CORPUS; writes a run directory under checkpoints/.
+
+    Under torchrun it trains in several processes; --batch-size is then the global batch.
+    """
+
+    def action() -> int:
+        from charlm.cli.render import TrainProgress, train_summary
+        from charlm.training.distributed import from_env
+        from charlm.training.launch import train_run
+
+        with TrainProgress(stderr) as progress:
+            result = train_run(
+                corpus or (), out=out, resume=resume, encoding=encoding, callbacks=progress,
+                on_error=report, **_given(ctx, exclude={"corpus", "out", "resume", "encoding"}),
+            )  # fmt: skip
+        code = {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}.get(result.stop_reason, 0)
+        if from_env().main:
+            stderr.print(escape(train_summary(result)), highlight=False, soft_wrap=True)
+        return code
+
+    try:
+        code = guard(ctx, action)
+    except typer.Exit as exc:
+        code = exc.exit_code
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        from charlm.training import distributed
+
+        distributed.exit_now(code)  # see its docstring: a clean exit can abort under gloo
+    if code:
+        raise typer.Exit(code)
+
+
+def _given(ctx: typer.Context, exclude: set[str]) -> dict[str, Any]:
+    """The options typed on this command line, by name: the library's defaults are the CLI's, and
+    a resumed run compares only what was given with its own values."""
+    return {
+        name: value
+        for name, value in ctx.params.items()
+        if name not in exclude and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+    }
