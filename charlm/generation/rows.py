@@ -47,9 +47,11 @@ class Rows:
     def __init__(self, model: RNNLM, stepper: Stepper | None) -> None:
         self.model, self.stepper = model, stepper
         self._lstm = model.config.cell is Cell.lstm
-        self._parts: list[Part] = []  # the rows' state (see Part); empty while there are none
+        # the rows' state as the backend takes it (the stepper's list per layer, the module's
+        # hidden); None while there are no rows
+        self._state: list | Hidden | None = None
         self._scores = np.zeros((0, model.config.vocab_size), np.float32)  # (B, V)
-        self._joining: list[tuple[list[Part], np.ndarray]] = []  # (state, scores) of rows to join
+        self._joining: list[tuple[list[Part], np.ndarray]] = []  # (state parts, scores) to join
 
     def __len__(self) -> int:
         return self._scores.shape[0] + sum(scores.shape[0] for _, scores in self._joining)
@@ -62,11 +64,12 @@ class Rows:
         zero scores: such a row must read a token before its scores mean anything. ``hidden`` and
         ``logits`` are copied, never changed."""
         if hidden is None:
-            parts = self._zero(copies)
+            stepper = self.stepper
+            parts = self._parts(stepper.zero_state(copies) if stepper else self.model.init_hidden(copies))
         elif self.stepper is not None:
-            parts = [np.repeat(a, copies, 0) for a in self._flat(self.stepper.state_from(hidden))]
+            parts = [np.repeat(a, copies, 0) for a in self._parts(self.stepper.state_from(hidden))]
         else:
-            parts = [h.repeat(1, copies, 1) for h in (hidden if isinstance(hidden, tuple) else (hidden,))]
+            parts = [h.detach().repeat(1, copies, 1) for h in self._parts(hidden)]
         if logits is None:
             scores = np.zeros((copies, self._scores.shape[1]), np.float32)
         else:
@@ -78,63 +81,63 @@ class Rows:
     def scores(self) -> np.ndarray:
         """The rows' next-token scores (B, V), float32: the batch's own array, which the caller may
         change (the next step replaces it)."""
-        self._settle()
+        if self._joining:
+            self._settle()
         return self._scores
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (indices, in their new order); the others leave."""
         self._settle()
-        if list(rows) == list(range(len(self._scores))):
-            return
         index = list(rows)
+        if index == list(range(len(self._scores))):
+            return
+        if not index:
+            self._state, self._scores = None, self._scores[:0]
+            return
         if self.stepper is not None:
-            self._parts = [part[index] for part in self._parts]
+            parts = [part[index] for part in self._parts(self._state)]
         else:
             at = torch.tensor(index, dtype=torch.long, device=self.model.device)
-            self._parts = [part.index_select(1, at) for part in self._parts]
-        self._scores = self._scores[index]
+            parts = [part.index_select(1, at) for part in self._parts(self._state)]
+        self._state, self._scores = self._nested(parts), self._scores[index]
 
-    @torch.no_grad()
     def step(self, tokens: np.ndarray) -> None:
         """Feed row b the token ``tokens[b]`` (B,): its state and scores move on one token."""
-        self._settle()
-        if not len(self._scores):
+        if self._joining:
+            self._settle()
+        if self._state is None:
             return
-        if self.stepper is not None:
-            self._scores, state = self.stepper.step(tokens, self._nested())  # (B, V)
-            self._parts = self._flat(state)
+        if self.stepper is not None:  # (NumPy: no autograd to switch off)
+            self._scores, self._state = self.stepper.step(tokens, self._state)  # (B, V)
             return
-        model = self.model
-        ids = torch.from_numpy(tokens).to(model.device).view(1, -1)  # (1, B)
-        out, hidden = model(ids, self._nested())  # (1, B, V)
-        self._parts = list(hidden) if isinstance(hidden, tuple) else [hidden]
-        self._scores = out[0].float().cpu().numpy()
-
-    def _zero(self, rows: int) -> list[Part]:
-        if self.stepper is not None:
-            return self._flat(self.stepper.zero_state(rows))
-        hidden = self.model.init_hidden(rows)
-        return list(hidden) if isinstance(hidden, tuple) else [hidden]
+        with torch.no_grad():
+            ids = torch.from_numpy(tokens).to(self.model.device).view(1, -1)  # (1, B)
+            out, self._state = self.model(ids, self._state)  # (1, B, V)
+            self._scores = out[0].float().cpu().numpy()
 
     def _settle(self) -> None:
         """Make the joins waiting: one concatenation for all of them."""
         if not self._joining:
             return
-        pieces = ([self._parts] if len(self._scores) else []) + [parts for parts, _ in self._joining]
+        pieces = [p for p, _ in self._joining]
+        if self._state is not None:
+            pieces.insert(0, self._parts(self._state))
         if self.stepper is not None:
-            self._parts = [np.concatenate([p[j] for p in pieces]) for j in range(len(pieces[0]))]
+            parts = [np.concatenate([p[j] for p in pieces]) for j in range(len(pieces[0]))]
         else:
-            self._parts = [torch.cat([p[j] for p in pieces], 1) for j in range(len(pieces[0]))]
+            parts = [torch.cat([p[j] for p in pieces], 1) for j in range(len(pieces[0]))]
+        self._state = self._nested(parts)
         self._scores = np.concatenate([self._scores, *(scores for _, scores in self._joining)])
         self._joining = []
 
-    def _flat(self, state: list) -> list[Part]:
-        """A :class:`Stepper` state (a list per layer: an array, or an (h, c) pair) as its parts."""
-        return [a for layer in state for a in layer] if self._lstm else list(state)
+    def _parts(self, state: list | Hidden | None) -> list[Part]:
+        """A state (see ``_state``) as a flat list: h and c of each layer (LSTM), or h of each."""
+        if self.stepper is not None:
+            return [a for layer in state for a in layer] if self._lstm else list(state)  # type: ignore[union-attr]
+        return list(state) if isinstance(state, tuple) else [state]  # type: ignore[list-item]
 
-    def _nested(self) -> list | Hidden:
-        """The parts as the backend takes them: the stepper's list per layer, the module's hidden."""
-        parts = self._parts
+    def _nested(self, parts: list[Part]) -> list | Hidden:
+        """:meth:`_parts` undone."""
         if self.stepper is not None:
             return [(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)] if self._lstm else parts
-        return (parts[0], parts[1]) if self._lstm else parts[0]
+        return (parts[0], parts[1]) if self._lstm else parts[0]  # type: ignore[return-value]
