@@ -1,20 +1,47 @@
 """The error hierarchy of charlm.
 
-Library code raises these; only the CLI turns them into a one-line message and an exit code, so
-that a user mistake never shows a traceback and a caller embedding charlm can catch one base class.
+Library code raises these; only the CLI and the server turn them into a message and an exit code
+or an HTTP status, so that a user mistake never shows a traceback and a caller embedding charlm can
+catch one base class.
+
+The library speaks in its own names: a message that names an option writes the field as a
+placeholder (``"{temperature} must not be negative"``, ``fields=("temperature",)``), and each face
+words it for its users with :meth:`CharlmError.worded` (``--temp`` in the shell, ``temperature``
+in a JSON request). ``str(error)`` writes the field names themselves, as a Python caller knows them.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
 
 
 class CharlmError(Exception):
     """Base class of every error charlm raises on purpose.
 
     ``exit_code`` follows the shell convention: 2 for a mistake in what the user asked for
-    (options, arguments), 1 for something that went wrong while doing it.
+    (options, arguments), 1 for something that went wrong while doing it. ``settled`` is set by the
+    training launcher on an error every process of a distributed run agreed on, so that only one
+    process reports it.
     """
 
     exit_code: int = 1
+    settled: bool = False
+
+    def __init__(self, message: str = "", *, fields: Iterable[str] = ()) -> None:
+        self.template = message
+        self.fields = tuple(fields)
+        super().__init__(self.worded(lambda name: name))
+
+    def worded(self, name: Callable[[str], str]) -> str:
+        """The message with each field named by ``name(field)`` (a flag, a JSON key)."""
+        if not self.fields:
+            return self.template
+        return re.sub(
+            r"\{(\w+)\}",
+            lambda m: name(m[1]) if m[1] in self.fields else m[0],
+            self.template,
+        )
 
 
 class ConfigError(CharlmError):
