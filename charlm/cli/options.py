@@ -104,9 +104,25 @@ def debug(ctx: typer.Context) -> bool:
     return bool(ctx.obj and ctx.obj.get("debug"))
 
 
+# A field's option where it is not ``--field-name`` (see :meth:`CharlmError.worded`).
+_FLAGS = {
+    "kind": "--tokenizer",
+    "temperature": "--temp",
+    "save_steps": "--save-every",
+    "save_seconds": "--save-every",
+    "max_prompt_chars": "--max-prompt",
+}
+
+
+def flag(field: str) -> str:
+    """The option of the library's field ``field``: ``top_p`` -> ``--top-p``."""
+    return _FLAGS.get(field) or "--" + field.replace("_", "-")
+
+
 def report(exc: CharlmError) -> None:
-    """An error, as one line on stderr."""
-    stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    """An error, as one line on stderr, in the words of the command line."""
+    message = exc.worded(flag)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def status(message: str) -> None:
