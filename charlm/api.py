@@ -139,7 +139,15 @@ class Model:
         Raises:
             ConfigError: a value out of range. TypeError: an unknown control.
         """
-        config = SampleConfig(length, temperature, top_k, top_p, prime, 1, seed, **controls)
+        config = SampleConfig(
+            length=length,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            prime=prime,
+            seed=seed,
+            **controls,
+        )
         for _, piece in generate(self.network, self.run.tokenizer, config, make_generator(seed), state):
             yield piece
 
@@ -287,7 +295,8 @@ class Model:
         if not dynamic:
             return evaluate_text(self.network, self.run.tokenizer, text, dtype)
         if not (dynamic_lr > 0 and 0 <= dynamic_decay < 1):
-            raise ConfigError("--dynamic-lr must be positive and --dynamic-decay in [0, 1)")
+            what = "{dynamic_lr} must be positive and {dynamic_decay} in [0, 1)"
+            raise ConfigError(what, fields=("dynamic_lr", "dynamic_decay"))
         return evaluate_dynamic(
             self.network, self.run.tokenizer, text, dtype, dynamic_lr, dynamic_decay, progress
         )

@@ -1,21 +1,28 @@
 """Typed, frozen configuration of a run, with validation and a JSON round trip.
 
 One config is saved with the weights, so ``sample`` and ``eval`` rebuild the model and tokenizer
-from the run directory alone. Validation lives here, next to the fields it guards, so a bad option
-is refused before any work is done (it imports only the stdlib and :mod:`charlm.errors`).
+from the run directory alone. Validation is declared here, next to the fields it guards (types and
+bounds checked by pydantic, the few rules across fields in ``__post_init__``), so a bad option is
+refused before any work is done, with an error that names the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import re
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any, TypeVar, get_args
+
+import annotated_types
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from charlm.errors import ConfigError
+
+T = TypeVar("T")
 
 
 class Cell(str, Enum):
@@ -75,33 +82,100 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
-def _finite(config: Any, flags: dict[str, str] | None = None) -> None:
-    """Refuse NaN and infinity in any number of ``config``: NaN passes every range check (``nan <=
-    0`` is false), so ``--temp nan`` sampled the unknown token and ``--lr nan`` reached the
-    optimizer's own traceback. ``flags``: a field's option where it is not ``--field-name``."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
-            raise ConfigError(f"{flag} must be a finite number, got {value}")
+_STRICT = ConfigDict(allow_inf_nan=False, extra="forbid")
 
 
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive, got {value}")
+def config(cls: type[T]) -> type[T]:
+    """A frozen, keyword-only configuration class whose fields pydantic checks against their
+    declared types and bounds (``Annotated[float, Field(gt=0)]``) on every construction, including
+    :func:`dataclasses.replace`. NaN and infinity are refused everywhere: NaN passes every range
+    check (``nan <= 0`` is false), so a NaN temperature sampled the unknown token and a NaN
+    learning rate reached the optimizer's own traceback. A refusal is a :class:`ConfigError` that
+    names the field (``{temperature} must not be negative``), which each face words its own way."""
+    cls = pydantic_dataclass(frozen=True, kw_only=True, config=_STRICT)(cls)
+    validate = cls.__init__
+
+    @functools.wraps(validate)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if args:
+            raise TypeError(f"{cls.__name__} takes keyword arguments only")
+        try:
+            validate(self, **kwargs)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            if error["type"] == "unexpected_keyword_argument":  # a Python mistake, as for any call
+                name = error["loc"][0]
+                raise TypeError(f"{cls.__name__} got an unexpected keyword argument {name!r}") from None
+            raise _refusal(cls, exc) from None
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
 
 
-@dataclass(frozen=True)
+def _refusal(cls: type, exc: ValidationError) -> ConfigError:
+    """The first of pydantic's complaints as a :class:`ConfigError` naming its field."""
+    error = exc.errors()[0]
+    name = str(error["loc"][0]) if error["loc"] else ""
+    kind, value = error["type"], error.get("input")
+    if kind in ("missing_keyword_only_argument", "missing"):
+        return ConfigError(f"{{{name}}} must be given", fields=(name,))
+    if kind == "enum":
+        choices = ", ".join(member.value for member in _field_type(cls, name))
+        return ConfigError(f"{{{name}}} is one of {choices}, not {value!r}", fields=(name,))
+    if kind == "finite_number":
+        return ConfigError(f"{{{name}}} must be a finite number, got {value}", fields=(name,))
+    if kind in _RANGE_ERRORS:
+        return ConfigError(f"{{{name}}} {_bounds(cls, name)}, got {value}", fields=(name,))
+    what = "a whole number" if kind.startswith("int") else error["msg"][0].lower() + error["msg"][1:]
+    what = what.removeprefix("input should be ")
+    return ConfigError(f"{{{name}}} must be {what}, got {value!r}", fields=(name,))
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _field_type(cls: type, name: str) -> Any:
+    annotation = cls.__pydantic_fields__[name].annotation  # type: ignore[attr-defined]
+    return next((t for t in get_args(annotation) if isinstance(t, type) and issubclass(t, Enum)), annotation)
+
+
+def _bounds(cls: type, name: str) -> str:
+    """A field's declared range in words: ``must be positive``, ``must be in (0, 1]``."""
+    low = high = None
+    for bound in cls.__pydantic_fields__[name].metadata:  # type: ignore[attr-defined]
+        if isinstance(bound, (annotated_types.Gt, annotated_types.Ge)):
+            low = ("(", bound.gt) if isinstance(bound, annotated_types.Gt) else ("[", bound.ge)
+        elif isinstance(bound, (annotated_types.Lt, annotated_types.Le)):
+            high = (")", bound.lt) if isinstance(bound, annotated_types.Lt) else ("]", bound.le)
+    if low and high:
+        return f"must be in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    if low == ("(", 0):
+        return "must be positive"
+    if low == ("[", 0):
+        return "must not be negative"
+    if low:
+        return f"must be {'greater than' if low[0] == '(' else 'at least'} {low[1]:g}"
+    if high:
+        return f"must be {'less than' if high[0] == ')' else 'at most'} {high[1]:g}"
+    return "is out of range"
+
+
+Positive = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NotNegative = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
+# None: a default chosen elsewhere (the cell's shape, the optimizer's lr) or no limit
+PositiveOrNone = Annotated[int | None, Field(gt=0)]
+PositiveFloatOrNone = Annotated[float | None, Field(gt=0)]
+
+
+@config
 class TokenizerConfig:
     """How to build the tokenizer. ``vocab_size`` is ignored for ``char``: its vocabulary is every
     character of the corpus plus the 256 byte-fallback pieces."""
 
     kind: TokenizerKind = TokenizerKind.char
-    vocab_size: int = 2000
-
-    def __post_init__(self) -> None:
-        _finite(self)
-        _positive("--vocab-size", self.vocab_size)
+    vocab_size: Positive = 2000
 
 
 # The shape each cell gets where a field is not given (None): the classic cells' sizes are those
@@ -116,117 +190,88 @@ CELL_DEFAULTS: dict[Cell, dict[str, Any]] = {
 # A scan model reads a corpus of this many tokens or fewer several times over in a budget of
 # minutes, and memorises it unless held back: there it trains with dropout 0.1 and weight decay
 # 0.3 (each where the user did not set it; weight decay with Adam only); on a larger corpus with
-# weight decay 0.1 alone (at the
-# equivalent of 10 CPU minutes, tinyshakespeare (1M tokens): 2.352 / 2.381 bpc against 2.573 /
-# 2.578 unregularised; python-stdlib (4M): 0.513 / 0.623 against 0.502 / 0.626; docs/scan-cells.md).
+# weight decay 0.1 alone. The measurements behind both: docs/scan-cells.md.
 SMALL_CORPUS_TOKENS = 2_000_000
 SMALL_CORPUS_REGULARISATION = {"dropout": 0.1, "weight_decay": 0.3}
 LARGE_CORPUS_REGULARISATION = {"dropout": 0.0, "weight_decay": 0.1}
 
 
-@dataclass(frozen=True)
+@config
 class ModelConfig:
     """Shape of the recurrent language model: embedding -> stacked cell -> dropout -> decoder.
 
     ``layers``, ``hidden``, ``embed`` and ``dropout`` left as None take the cell's defaults
     (:data:`CELL_DEFAULTS`); a saved config always holds numbers."""
 
-    vocab_size: int = 0  # 0 until the tokenizer is built, then its vocabulary size
+    vocab_size: NotNegative = 0  # 0 until the tokenizer is built, then its vocabulary size
     cell: Cell = Cell.mingru
-    layers: int = None  # type: ignore[assignment]  # None: the cell's default
-    hidden: int = None  # type: ignore[assignment]
-    embed: int = None  # type: ignore[assignment]  # a scan cell's embedding is its width, hidden
-    dropout: float = None  # type: ignore[assignment]  # locked (variational): embeddings, between layers, output
-    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden matrices while training
+    layers: PositiveOrNone = None  # None: the cell's default
+    hidden: PositiveOrNone = None
+    embed: PositiveOrNone = None  # a scan cell's embedding is its width, hidden
+    # locked (variational): embeddings, between layers, output
+    dropout: Annotated[float | None, Field(ge=0, lt=1)] = None
+    weight_drop: Fraction = 0.0  # DropConnect on the hidden-to-hidden matrices while training
     tie_weights: bool = False
     softmax: Softmax = Softmax.full
     forget_bias: float = 1.0  # LSTM only: the forget gate's initial bias
     residual: bool = False  # add each stacked layer's input to its output (layers above the first)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "cell", Cell(self.cell))
+        """The cell's defaults where a shape field is None, then the rules across fields."""
         defaults = CELL_DEFAULTS[self.cell]
         for name in ("layers", "hidden", "dropout"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, defaults[name])
         if self.embed is None:
             object.__setattr__(self, "embed", self.hidden if self.cell.scan else defaults["embed"])
-        _finite(self)
         if self.cell.scan and (self.weight_drop or self.residual):
             raise ConfigError(
-                f"--cell {self.cell.value} has no recurrent matrix to drop (--weight-drop) and its "
-                "layers are residual blocks already (--residual)"
+                f"{{cell}} {self.cell.value} has no recurrent matrix to drop ({{weight_drop}}) and its "
+                "layers are residual blocks already ({residual})",
+                fields=("cell", "weight_drop", "residual"),
             )
         if self.cell.scan and self.embed != self.hidden:
             raise ConfigError(
-                f"--cell {self.cell.value} embeds tokens in its width: --embed must equal --hidden "
-                f"(got {self.embed} and {self.hidden})"
+                f"{{cell}} {self.cell.value} embeds tokens in its width: {{embed}} must equal {{hidden}} "
+                f"(got {self.embed} and {self.hidden})",
+                fields=("cell", "embed", "hidden"),
             )
-        if self.vocab_size < 0:
-            raise ConfigError(f"vocab_size must not be negative, got {self.vocab_size}")
-        for name in ("layers", "hidden", "embed"):
-            _positive(f"--{name.replace('_', '-')}", getattr(self, name))
-        for name in ("dropout", "weight_drop"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
         if self.tie_weights and self.softmax is Softmax.adaptive:
             raise ConfigError(
-                "--tie-weights needs the full softmax (--softmax adaptive has no one decoder matrix)"
+                "{tie_weights} needs the full softmax ({softmax} adaptive has no one decoder matrix)",
+                fields=("tie_weights", "softmax"),
             )
         if self.tie_weights and self.embed != self.hidden:
             raise ConfigError(
-                f"--tie-weights needs --embed equal to --hidden (got {self.embed} and {self.hidden})"
+                f"{{tie_weights}} needs {{embed}} equal to {{hidden}} (got {self.embed} and {self.hidden})",
+                fields=("tie_weights", "embed", "hidden"),
             )
 
 
-@dataclass(frozen=True)
+@config
 class TrainConfig:
     """How to train: batching, optimizer, schedule, stopping and evaluation."""
 
-    batch_size: int = 32
-    bptt: int = 64
+    batch_size: Positive = 32
+    bptt: Positive = 64
     optimizer: OptimizerKind = OptimizerKind.adam
-    lr: float | None = None  # None: the optimizer's default, see ``effective_lr``
-    clip: float | None = None  # None: the optimizer's default, see ``effective_clip``
-    anneal: float = 0.5
-    decay: float = 0.3  # the learning rate falls linearly to 0 over this last fraction of the run
-    epochs: int | None = None  # None: no limit where --max-steps or --max-time ends the run, else 10
-    max_steps: int | None = None
-    max_time: float | None = None  # seconds
-    val_fraction: float = 0.05
-    eval_every: int = 500
-    save_steps: int | None = None  # save ``latest`` every this many steps ...
-    save_seconds: float | None = 300.0  # ... or this many seconds (and at every validation)
-    weight_decay: float = 0.0  # decoupled (AdamW), or L2 with SGD
-    sample_every: int | None = None  # show a sample every N steps; None: at each validation; 0: never
+    lr: PositiveFloatOrNone = None  # None: the optimizer's default, see ``effective_lr``
+    clip: PositiveFloatOrNone = None  # None: the optimizer's default, see ``effective_clip``
+    anneal: Annotated[float, Field(gt=0, le=1)] = 0.5
+    decay: Annotated[float, Field(ge=0, le=1)] = 0.3  # the lr falls linearly to 0 over this last fraction
+    epochs: PositiveOrNone = None  # None: no limit where a step count or time ends the run, else 10
+    max_steps: PositiveOrNone = None
+    max_time: PositiveFloatOrNone = None  # seconds
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    eval_every: Positive = 500
+    save_steps: PositiveOrNone = None  # save ``latest`` every this many steps ...
+    save_seconds: PositiveFloatOrNone = 300.0  # ... or seconds (and at every validation)
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0  # decoupled (AdamW), or L2 with SGD
+    # a sample every N steps; None: at each validation; 0: never
+    sample_every: Annotated[int | None, Field(ge=0)] = None
     seed: int = 1234
     device: str = "auto"
     precision: Precision = Precision.auto
-
-    def __post_init__(self) -> None:
-        _finite(self, {"save_seconds": "--save-every"})
-        for name in ("batch_size", "bptt", "eval_every"):
-            _positive(f"--{name.replace('_', '-')}", getattr(self, name))
-        if self.epochs is not None:
-            _positive("--epochs", self.epochs)
-        for name in ("save_steps", "save_seconds"):
-            value = getattr(self, name)
-            if value is not None:
-                _positive("--save-every", value)
-        for name in ("lr", "clip", "max_steps", "max_time"):
-            value = getattr(self, name)
-            if value is not None:
-                _positive(f"--{name.replace('_', '-')}", value)
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0 <= self.decay <= 1:
-            raise ConfigError(f"--decay must be in [0, 1], got {self.decay}")
-        if self.sample_every is not None and self.sample_every < 0:
-            raise ConfigError(f"--sample-every must not be negative, got {self.sample_every}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must not be negative, got {self.weight_decay}")
-        if not 0 < self.anneal <= 1:
-            raise ConfigError(f"--anneal must be in (0, 1], got {self.anneal}")
 
     @property
     def epoch_limit(self) -> int | None:
@@ -248,26 +293,23 @@ class TrainConfig:
         return self.clip if self.clip is not None else DEFAULT_CLIP[self.optimizer]
 
 
-# Adam is the default: 10 minutes on tinyshakespeare score 2.317 / 2.355 bpc on the text after the
-# training text against 2.395 / 2.425 with SGD (fp32), and 0.792 / 0.818 against 0.818 / 0.926 on
-# python-stdlib (README). Early on the gap is wider: after 400 steps Adam scores 2.521 / 2.542 where
-# the best clipped SGD found (lr 20, clip 0.25, as in PyTorch's word_language_model) scores 3.120 /
-# 3.134 (lr 4 / clip 1: 4.308 / 4.343; lr 1 / clip 1: 4.348 / 4.352). SGD takes large steps on a
-# tightly clipped gradient, so each optimizer has its own defaults. Adam at 3e-3 beat 2e-3 on both
-# corpora of the README's protocol (2.317 / 2.355 against 2.446 / 2.399 bpc on tinyshakespeare).
+# Adam is the default: it beat clipped SGD on both corpora of the quality protocol, most of all
+# early in training. SGD takes large steps on a tightly clipped gradient (lr 20, clip 0.25, as in
+# PyTorch's word_language_model), so each optimizer has its own defaults. The measurements:
+# docs/defaults.md.
 DEFAULT_EPOCHS = 10
 DEFAULT_LR = {OptimizerKind.sgd: 20.0, OptimizerKind.adam: 3e-3}
 DEFAULT_CLIP = {OptimizerKind.sgd: 0.25, OptimizerKind.adam: 1.0}
 
 # Dynamic evaluation (``charlm eval --dynamic``): tokens per update, learning rate and the pull back
-# to the trained weights. The lr was chosen on a run's own held-out tail (benchmarks/dynamic.py):
-# 0.05, 0.1, 0.2, 0.5, 1 gave -1.76%, -1.83%, -1.39%, +1.88%, +9.17% bpc against the static score.
+# to the trained weights. The lr was chosen on a run's own held-out tail (benchmarks/dynamic.py;
+# the sweep is in docs/guide/eval.md).
 DYNAMIC_WINDOW = 32
 DYNAMIC_LR = 0.1
 DYNAMIC_DECAY = 0.0
 
 
-@dataclass(frozen=True)
+@config
 class RunConfig:
     """Everything needed to rebuild a run's tokenizer and model, saved as ``config.json``."""
 
@@ -284,29 +326,13 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error so a newer format is noticed."""
         try:
-            tok = data["tokenizer"]
-            model = data["model"]
             return cls(
-                tokenizer=TokenizerConfig(TokenizerKind(tok["kind"]), tok["vocab_size"]),
-                model=ModelConfig(
-                    **{
-                        **_BEFORE_REGULARISATION,
-                        **model,
-                        "cell": Cell(model["cell"]),
-                        "softmax": Softmax(model.get("softmax", "full")),
-                    }
-                ),
-                train=TrainConfig(
-                    **{
-                        **_BEFORE_REGULARISATION_TRAIN,
-                        **data["train"],
-                        "optimizer": OptimizerKind(data["train"]["optimizer"]),
-                        "precision": Precision(data["train"].get("precision", "auto")),
-                    }
-                ),
+                tokenizer=TokenizerConfig(**data["tokenizer"]),
+                model=ModelConfig(**{**_BEFORE_REGULARISATION, **data["model"]}),
+                train=TrainConfig(**{**_BEFORE_REGULARISATION_TRAIN, **data["train"]}),
                 corpus=tuple(data.get("corpus", ())),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise ConfigError(f"config is not a charlm run config: {exc}") from exc
 
 
@@ -356,7 +382,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([hms]?)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
 
 
-def parse_duration(text: str, option: str = "--max-time") -> float:
+def parse_duration(text: str, option: str = "max_time") -> float:
     """Seconds in ``text``: a number of seconds or a duration such as ``90s``, ``10m``, ``1h30m``.
 
     Raises:
@@ -365,9 +391,12 @@ def parse_duration(text: str, option: str = "--max-time") -> float:
     compact = text.strip().lower().replace(" ", "")
     parts = _DURATION.findall(compact)
     if not compact or "".join(n + u for n, u in parts) != compact:
-        raise ConfigError(f"{option}: cannot read {text!r} as a duration (try 600, 90s, 10m, 1h)")
+        raise ConfigError(
+            f"{{{option}}}: cannot read {text!r} as a duration (try 600, 90s, 10m, 1h)", fields=(option,)
+        )
     seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
-    _positive(option, seconds)
+    if seconds <= 0:
+        raise ConfigError(f"{{{option}}} must be positive, got {seconds:g}", fields=(option,))
     return seconds
 
 
@@ -380,48 +409,33 @@ def parse_save_every(text: str) -> tuple[int | None, float | None]:
     """
     compact = text.strip()
     if compact.isdigit():
-        _positive("--save-every", int(compact))
+        if int(compact) <= 0:
+            raise ConfigError(f"{{save_steps}} must be positive, got {compact}", fields=("save_steps",))
         return int(compact), None
     if not compact or compact[-1].lower() not in _UNIT_SECONDS or not compact[-1].isalpha():
-        raise ConfigError(f"--save-every: give steps (500) or a duration (90s, 10m), not {text!r}")
-    return None, parse_duration(compact, "--save-every")
+        raise ConfigError(
+            f"{{save_steps}}: give steps (500) or a duration (90s, 10m), not {text!r}", fields=("save_steps",)
+        )
+    return None, parse_duration(compact, "save_seconds")
 
 
-@dataclass(frozen=True)
+@config
 class SampleConfig:
     """How to sample: ``temperature`` 0 means greedy; ``top_k`` 0 and ``top_p`` 1 switch those
     filters off; ``length`` counts generated tokens (characters for a char tokenizer)."""
 
-    length: int = 500
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
+    length: NotNegative = 500
+    temperature: Annotated[float, Field(ge=0)] = 0.8
+    top_k: NotNegative = 0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     prime: str = ""
-    num_samples: int = 1
+    num_samples: Positive = 1
     seed: int | None = None
     stop: tuple[str, ...] = ()  # a sample ends when its text ends with one of these
     include_stop: bool = False  # ... and shows it
-    min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (0: off)
-    repetition_penalty: float = 1.0  # divide seen tokens' positive logits by it (1: off)
+    min_p: Fraction = 0.0  # drop tokens less likely than min_p times the likeliest (0: off)
+    repetition_penalty: PositiveFloat = 1.0  # divide seen tokens' positive logits by it (1: off)
     presence_penalty: float = 0.0  # subtract from seen tokens' logits (0: off)
     frequency_penalty: float = 0.0  # subtract per occurrence (0: off)
-    penalty_window: int = 64  # tokens the penalties look back on, the prime's included
+    penalty_window: Positive = 64  # tokens the penalties look back on, the prime's included
     ban: tuple[str, ...] = ()  # text that is never produced
-
-    def __post_init__(self) -> None:
-        _finite(self, {"temperature": "--temp"})
-        if self.length < 0:
-            raise ConfigError(f"--length must not be negative, got {self.length}")
-        if self.temperature < 0:
-            raise ConfigError(f"--temp must not be negative, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"--top-k must not be negative, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
-        _positive("--num-samples", self.num_samples)
-        if not 0 <= self.min_p < 1:
-            raise ConfigError(f"--min-p must be in [0, 1), got {self.min_p}")
-        _positive("--repetition-penalty", self.repetition_penalty)
-        _positive("--penalty-window", self.penalty_window)
-        object.__setattr__(self, "stop", tuple(self.stop))  # lists, as a caller may pass, hash as tuples
-        object.__setattr__(self, "ban", tuple(self.ban))

@@ -56,7 +56,7 @@ def test_train_refuses_unknown_options_and_bad_values(tmp_path: Path, corpus: Pa
         charlm.train(corpus, out=tmp_path / "a", hiden=8)
     with pytest.raises(charlm.ConfigError, match="--cell is one of"):
         charlm.train(corpus, out=tmp_path / "b", cell="lsmt")
-    with pytest.raises(charlm.ConfigError, match="--batch-size"):
+    with pytest.raises(charlm.ConfigError, match="batch_size must be positive"):
         charlm.train(corpus, out=tmp_path / "c", batch_size=0)
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 

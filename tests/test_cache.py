@@ -67,14 +67,14 @@ def test_encoding_a_stream_gives_the_ids_of_the_whole_text(pieces: list[str], co
 
 def _tokenizer(text: str, _cache: dict = {}):  # noqa: B006 - one tokenizer for the whole module
     if "tok" not in _cache:
-        _cache["tok"] = train_tokenizer(text, TokenizerConfig(TokenizerKind.bpe, 400))
+        _cache["tok"] = train_tokenizer(text, TokenizerConfig(kind=TokenizerKind.bpe, vocab_size=400))
     return _cache["tok"]
 
 
 def _prepare(corpus: Path, kind: TokenizerKind = TokenizerKind.char, statuses: list | None = None):
     return prepare_corpus(
         [corpus],
-        TokenizerConfig(kind, 400),
+        TokenizerConfig(kind=kind, vocab_size=400),
         0.1,
         16,
         status=(statuses if statuses is not None else []).append,

@@ -101,7 +101,7 @@ def test_every_control_at_once_through_the_api(trained_run: Path) -> None:
     text = model.sample(prime="The ", length=200, seed=3, **options)
     assert text == "".join(model.stream(prime="The ", length=200, seed=3, **options))
     assert "the" not in "The " + text
-    with pytest.raises(charlm.ConfigError, match="--min-p"):
+    with pytest.raises(charlm.ConfigError, match="min_p must be in"):
         model.sample(min_p=1.5)
     with pytest.raises(TypeError):
         model.sample(stop_words=["x"])

@@ -36,7 +36,7 @@ def test_irnn_is_relu_with_an_identity_recurrence() -> None:
 def test_tied_weights_share_one_tensor_and_need_equal_sizes() -> None:
     model = tiny(tie_weights=True)
     assert model.decoder.weight is model.embedding.weight
-    with pytest.raises(ConfigError, match="--tie-weights"):
+    with pytest.raises(ConfigError, match="tie_weights"):
         ModelConfig(vocab_size=11, cell=Cell.lstm, hidden=8, embed=4, tie_weights=True)
 
 
@@ -97,7 +97,7 @@ def test_the_adaptive_softmax_is_a_distribution_and_its_loss_is_its_cross_entrop
 def test_adaptive_softmax_and_tied_weights_do_not_mix() -> None:
     from charlm.config import Softmax
 
-    with pytest.raises(ConfigError, match="--tie-weights needs the full softmax"):
+    with pytest.raises(ConfigError, match="tie_weights needs the full softmax"):
         ModelConfig(vocab_size=300, hidden=8, embed=8, tie_weights=True, softmax=Softmax.adaptive)
 
 

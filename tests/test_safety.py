@@ -155,9 +155,9 @@ def test_non_finite_steps_are_skipped_and_recovered(
     corpus = tmp_path / "c.txt"
     corpus.write_text(builtin_corpus()[:20_000])
     config = RunConfig(
-        TokenizerConfig(),
-        ModelConfig(hidden=32),
-        TrainConfig(batch_size=8, bptt=16, max_steps=30, eval_every=10, save_steps=4, device="cpu"),
+        tokenizer=TokenizerConfig(),
+        model=ModelConfig(hidden=32),
+        train=TrainConfig(batch_size=8, bptt=16, max_steps=30, eval_every=10, save_steps=4, device="cpu"),
     )
     run, train_ids, val_ids = prepare_run([corpus], config, tmp_path / "run")
     poisoned = {5, *range(12, 12 + bad_run)}

@@ -97,7 +97,7 @@ def test_the_gradient_through_time_is_the_product_of_the_decays() -> None:
 
 def test_a_scan_cell_embeds_in_its_width() -> None:
     assert ModelConfig(cell=Cell.mingru, hidden=64).embed == 64
-    with pytest.raises(ConfigError, match="--embed must equal --hidden"):
+    with pytest.raises(ConfigError, match="embed must equal hidden"):
         ModelConfig(cell=Cell.mingru, hidden=64, embed=32)
 
 
@@ -164,6 +164,8 @@ def test_sgd_gets_no_weight_decay_from_the_corpus_rule() -> None:
     """SGD's weight decay is L2 at lr 20: the rule's 0.3 would blow the weights up."""
     from charlm.config import OptimizerKind, RunConfig, TokenizerConfig, TrainConfig, fit_to_corpus
 
-    config = RunConfig(TokenizerConfig(), ModelConfig(), TrainConfig(optimizer=OptimizerKind.sgd))
+    config = RunConfig(
+        tokenizer=TokenizerConfig(), model=ModelConfig(), train=TrainConfig(optimizer=OptimizerKind.sgd)
+    )
     fitted, why = fit_to_corpus(config, 1000, given=())
     assert fitted.train.weight_decay == 0.0 and fitted.model.dropout == 0.1 and "weight decay" not in why

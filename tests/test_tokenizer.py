@@ -21,7 +21,7 @@ texts = st.lists(
 
 @pytest.fixture(scope="module", params=list(TokenizerKind))
 def tokenizer(request: pytest.FixtureRequest, corpus_text: str) -> Tokenizer:
-    return train_tokenizer(corpus_text, TokenizerConfig(request.param, vocab_size=500))
+    return train_tokenizer(corpus_text, TokenizerConfig(kind=request.param, vocab_size=500))
 
 
 @given(texts)
@@ -73,7 +73,7 @@ def test_serialisation_round_trip(tokenizer: Tokenizer) -> None:
 
 
 def test_char_vocabulary_is_every_character_plus_bytes(corpus_text: str) -> None:
-    tok = train_tokenizer(corpus_text, TokenizerConfig(TokenizerKind.char))
+    tok = train_tokenizer(corpus_text, TokenizerConfig(kind=TokenizerKind.char))
     # every distinct character except the newline (a user symbol), + newline, unk, 256 bytes
     assert tok.vocab_size == len(set(corpus_text) - {"\n"}) + 1 + 1 + 256
     assert len(tok.encode("Hello")) == 5
@@ -88,7 +88,7 @@ def test_char_vocabulary_is_every_character_plus_bytes(corpus_text: str) -> None
 )
 def test_impossible_vocabulary_is_a_clear_error(corpus_text: str, kind: str, size: int, words: str) -> None:
     with pytest.raises(TokenizerError, match=words):
-        train_tokenizer(corpus_text, TokenizerConfig(TokenizerKind(kind), size))
+        train_tokenizer(corpus_text, TokenizerConfig(kind=TokenizerKind(kind), vocab_size=size))
 
 
 def test_streaming_releases_a_real_replacement_character_at_once(tokenizer: Tokenizer) -> None:

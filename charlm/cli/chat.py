@@ -70,8 +70,10 @@ def chat(
         from charlm.api import load
 
         config = SampleConfig(  # checked before the run is loaded
-            length, temp, top_k, top_p, "", 1, seed, tuple(stop or ()), False, min_p,
-            repetition_penalty, presence_penalty, frequency_penalty, penalty_window, tuple(ban or ()),
+            length=length, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
+            stop=tuple(stop or ()), min_p=min_p, repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            penalty_window=penalty_window, ban=tuple(ban or ()),
         )  # fmt: skip
         options = dataclasses.asdict(config)
         if not stop:

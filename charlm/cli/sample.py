@@ -95,8 +95,10 @@ def sample(
         from charlm.data.prepare import read_corpus
 
         config = SampleConfig(  # checked before the run is loaded
-            length, temp, top_k, top_p, prime, num_samples, seed, tuple(stop or ()), include_stop, min_p,
-            repetition_penalty, presence_penalty, frequency_penalty, penalty_window, tuple(ban or ()),
+            length=length, temperature=temp, top_k=top_k, top_p=top_p, prime=prime,
+            num_samples=num_samples, seed=seed, stop=tuple(stop or ()), include_stop=include_stop,
+            min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, penalty_window=penalty_window, ban=tuple(ban or ()),
         )  # fmt: skip
         model = load(run, checkpoint, device)
         start = model.load_state(state) if state is not None else None

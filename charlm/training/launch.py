@@ -183,9 +183,9 @@ def new_config(changes: Mapping[str, Any], only: str | None = None) -> RunConfig
             sections[section][field_name] = value
     try:
         return RunConfig(
-            TokenizerConfig(**sections["tokenizer"]),
-            ModelConfig(**sections["model"]),
-            TrainConfig(**sections["train"]),
+            tokenizer=TokenizerConfig(**sections["tokenizer"]),
+            model=ModelConfig(**sections["model"]),
+            train=TrainConfig(**sections["train"]),
         )
     except TypeError as exc:  # a value of the wrong kind, compared in a check
         raise ConfigError(f"an option has a value of the wrong kind: {exc}") from exc
