@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import field
 from enum import Enum
-from typing import Annotated, Any, TypeVar, get_args
+from typing import Annotated, Any, TypeVar, get_args, get_type_hints
 
 import annotated_types
-from pydantic import ConfigDict, Field, ValidationError
-from pydantic.dataclasses import dataclass as pydantic_dataclass
+from annotated_types import Ge, Gt, Le, Lt
 
 from charlm.errors import ConfigError
 
@@ -82,37 +81,56 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
-_STRICT = ConfigDict(allow_inf_nan=False, extra="forbid")
-
-
 def config(cls: type[T]) -> type[T]:
-    """A frozen, keyword-only configuration class whose fields pydantic checks against their
-    declared types and bounds (``Annotated[float, Field(gt=0)]``) on every construction, including
-    :func:`dataclasses.replace`. NaN and infinity are refused everywhere: NaN passes every range
-    check (``nan <= 0`` is false), so a NaN temperature sampled the unknown token and a NaN
-    learning rate reached the optimizer's own traceback. A refusal is a :class:`ConfigError` that
-    names the field (``{temperature} must not be negative``), which each face words its own way."""
-    cls = pydantic_dataclass(frozen=True, kw_only=True, config=_STRICT)(cls)
-    validate = cls.__init__
+    """A frozen, keyword-only dataclass whose fields pydantic checks against their declared types
+    and bounds (``Annotated[float, Gt(0)]``) on every construction, :func:`dataclasses.replace`
+    included, before the class's own ``__post_init__`` (its rules across fields) runs. Values are
+    kept as pydantic coerces them (``"lstm"`` becomes ``Cell.lstm``, a list of stops a tuple).
+    NaN and infinity are refused everywhere: NaN passes every range check (``nan <= 0`` is false),
+    so a NaN temperature sampled the unknown token and a NaN learning rate reached the optimizer's
+    own traceback. A refusal is a :class:`ConfigError` that names the field (``{temperature} must
+    not be negative``), which each face words its own way.
 
-    @functools.wraps(validate)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        if args:
-            raise TypeError(f"{cls.__name__} takes keyword arguments only")
+    pydantic is imported, and each class's validator built, on the first construction: the
+    command line's ``--help`` needs neither."""
+    rules = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self: Any) -> None:
+        validated = _validator(type(self))(self)
+        for name, value in validated.items():
+            object.__setattr__(self, name, value)
+        if rules is not None:
+            rules(self)
+
+    cls.__post_init__ = __post_init__  # type: ignore[attr-defined]  # before the dataclass calls it
+    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+
+
+@functools.cache
+def _validator(cls: type) -> Callable[[Any], dict[str, Any]]:
+    """The fields of a ``cls`` instance, checked and coerced by a pydantic model of them."""
+    from pydantic import ConfigDict, ValidationError, create_model
+
+    hints = get_type_hints(cls, include_extras=True)
+    model = create_model(  # type: ignore[call-overload]
+        f"{cls.__name__}Fields",
+        __config__=ConfigDict(allow_inf_nan=False, extra="forbid"),
+        **{f.name: (hints[f.name], ...) for f in dataclasses.fields(cls)},
+    )
+
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    def validate(instance: Any) -> dict[str, Any]:
         try:
-            validate(self, **kwargs)
+            checked = model.model_validate({name: getattr(instance, name) for name in names})
         except ValidationError as exc:
-            error = exc.errors()[0]
-            if error["type"] == "unexpected_keyword_argument":  # a Python mistake, as for any call
-                name = error["loc"][0]
-                raise TypeError(f"{cls.__name__} got an unexpected keyword argument {name!r}") from None
-            raise _refusal(cls, exc) from None
+            raise _refusal(hints, exc) from None
+        return dict(checked)
 
-    cls.__init__ = __init__  # type: ignore[method-assign]
-    return cls
+    return validate
 
 
-def _refusal(cls: type, exc: ValidationError) -> ConfigError:
+def _refusal(hints: dict[str, Any], exc: Any) -> ConfigError:
     """The first of pydantic's complaints as a :class:`ConfigError` naming its field."""
     error = exc.errors()[0]
     name = str(error["loc"][0]) if error["loc"] else ""
@@ -120,12 +138,12 @@ def _refusal(cls: type, exc: ValidationError) -> ConfigError:
     if kind in ("missing_keyword_only_argument", "missing"):
         return ConfigError(f"{{{name}}} must be given", fields=(name,))
     if kind == "enum":
-        choices = ", ".join(member.value for member in _field_type(cls, name))
+        choices = ", ".join(member.value for member in _enum(hints[name]))
         return ConfigError(f"{{{name}}} is one of {choices}, not {value!r}", fields=(name,))
     if kind == "finite_number":
         return ConfigError(f"{{{name}}} must be a finite number, got {value}", fields=(name,))
     if kind in _RANGE_ERRORS:
-        return ConfigError(f"{{{name}}} {_bounds(cls, name)}, got {value}", fields=(name,))
+        return ConfigError(f"{{{name}}} {_bounds(hints[name])}, got {value}", fields=(name,))
     what = "a whole number" if kind.startswith("int") else error["msg"][0].lower() + error["msg"][1:]
     what = what.removeprefix("input should be ")
     return ConfigError(f"{{{name}}} must be {what}, got {value!r}", fields=(name,))
@@ -134,15 +152,15 @@ def _refusal(cls: type, exc: ValidationError) -> ConfigError:
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
 
-def _field_type(cls: type, name: str) -> Any:
-    annotation = cls.__pydantic_fields__[name].annotation  # type: ignore[attr-defined]
-    return next((t for t in get_args(annotation) if isinstance(t, type) and issubclass(t, Enum)), annotation)
+def _enum(hint: Any) -> Any:
+    """The enum class in a field's type (``Cell``, or ``Cell | None``)."""
+    return next((t for t in (hint, *get_args(hint)) if isinstance(t, type) and issubclass(t, Enum)), ())
 
 
-def _bounds(cls: type, name: str) -> str:
+def _bounds(hint: Any) -> str:
     """A field's declared range in words: ``must be positive``, ``must be in (0, 1]``."""
     low = high = None
-    for bound in cls.__pydantic_fields__[name].metadata:  # type: ignore[attr-defined]
+    for bound in getattr(hint, "__metadata__", ()):
         if isinstance(bound, (annotated_types.Gt, annotated_types.Ge)):
             low = ("(", bound.gt) if isinstance(bound, annotated_types.Gt) else ("[", bound.ge)
         elif isinstance(bound, (annotated_types.Lt, annotated_types.Le)):
@@ -160,13 +178,13 @@ def _bounds(cls: type, name: str) -> str:
     return "is out of range"
 
 
-Positive = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NotNegative = Annotated[int, Field(ge=0)]
-Fraction = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
+Positive = Annotated[int, Gt(0)]
+PositiveFloat = Annotated[float, Gt(0)]
+NotNegative = Annotated[int, Ge(0)]
+Fraction = Annotated[float, Ge(0), Lt(1)]  # [0, 1)
 # None: a default chosen elsewhere (the cell's shape, the optimizer's lr) or no limit
-PositiveOrNone = Annotated[int | None, Field(gt=0)]
-PositiveFloatOrNone = Annotated[float | None, Field(gt=0)]
+PositiveOrNone = Annotated[int | None, Gt(0)]
+PositiveFloatOrNone = Annotated[float | None, Gt(0)]
 
 
 @config
@@ -209,7 +227,7 @@ class ModelConfig:
     hidden: PositiveOrNone = None
     embed: PositiveOrNone = None  # a scan cell's embedding is its width, hidden
     # locked (variational): embeddings, between layers, output
-    dropout: Annotated[float | None, Field(ge=0, lt=1)] = None
+    dropout: Annotated[float | None, Ge(0), Lt(1)] = None
     weight_drop: Fraction = 0.0  # DropConnect on the hidden-to-hidden matrices while training
     tie_weights: bool = False
     softmax: Softmax = Softmax.full
@@ -257,18 +275,18 @@ class TrainConfig:
     optimizer: OptimizerKind = OptimizerKind.adam
     lr: PositiveFloatOrNone = None  # None: the optimizer's default, see ``effective_lr``
     clip: PositiveFloatOrNone = None  # None: the optimizer's default, see ``effective_clip``
-    anneal: Annotated[float, Field(gt=0, le=1)] = 0.5
-    decay: Annotated[float, Field(ge=0, le=1)] = 0.3  # the lr falls linearly to 0 over this last fraction
+    anneal: Annotated[float, Gt(0), Le(1)] = 0.5
+    decay: Annotated[float, Ge(0), Le(1)] = 0.3  # the lr falls linearly to 0 over this last fraction
     epochs: PositiveOrNone = None  # None: no limit where a step count or time ends the run, else 10
     max_steps: PositiveOrNone = None
     max_time: PositiveFloatOrNone = None  # seconds
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    val_fraction: Annotated[float, Gt(0), Lt(1)] = 0.05
     eval_every: Positive = 500
     save_steps: PositiveOrNone = None  # save ``latest`` every this many steps ...
     save_seconds: PositiveFloatOrNone = 300.0  # ... or seconds (and at every validation)
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0  # decoupled (AdamW), or L2 with SGD
+    weight_decay: Annotated[float, Ge(0)] = 0.0  # decoupled (AdamW), or L2 with SGD
     # a sample every N steps; None: at each validation; 0: never
-    sample_every: Annotated[int | None, Field(ge=0)] = None
+    sample_every: Annotated[int | None, Ge(0)] = None
     seed: int = 1234
     device: str = "auto"
     precision: Precision = Precision.auto
@@ -425,9 +443,9 @@ class SampleConfig:
     filters off; ``length`` counts generated tokens (characters for a char tokenizer)."""
 
     length: NotNegative = 500
-    temperature: Annotated[float, Field(ge=0)] = 0.8
+    temperature: Annotated[float, Ge(0)] = 0.8
     top_k: NotNegative = 0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_p: Annotated[float, Gt(0), Le(1)] = 1.0
     prime: str = ""
     num_samples: Positive = 1
     seed: int | None = None

@@ -29,7 +29,7 @@ CONFIGS = (TokenizerConfig, ModelConfig, TrainConfig, SampleConfig)
 @pytest.mark.parametrize("cls", CONFIGS)
 def test_configs_are_built_by_keyword_only(cls: type) -> None:
     first = dataclasses.fields(cls)[0].name
-    with pytest.raises(TypeError, match="keyword arguments only"):
+    with pytest.raises(TypeError, match="positional argument"):
         cls(getattr(cls(), first))
     with pytest.raises(TypeError, match="unexpected keyword argument 'nonsense'"):
         cls(nonsense=1)

@@ -3,15 +3,17 @@ aliases, with help and defaults from the config dataclasses, so the CLI, the lib
 benchmarks agree), the stderr console, the exit codes, and the guard that turns a library error into
 one line and an exit code.
 
-Nothing here imports torch: ``charlm --help`` stays instant.
+Nothing here imports torch or pydantic: ``charlm --help`` stays instant.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, TypeVar
 
 import typer
@@ -26,8 +28,16 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 stderr = Console(stderr=True)
 T = TypeVar("T")
+
+
+def defaults(cls: type) -> SimpleNamespace:
+    """A config class's declared defaults, read without building one (building one checks it with
+    pydantic, which ``--help`` need not import)."""
+    return SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(cls)})
+
+
 # Option defaults come from the config dataclasses, so the CLI, the library and the benchmarks agree.
-TOK, MODEL, TRAIN, SAMPLE = TokenizerConfig(), ModelConfig(), TrainConfig(), SampleConfig()
+TOK, MODEL, TRAIN, SAMPLE = (defaults(c) for c in (TokenizerConfig, ModelConfig, TrainConfig, SampleConfig))
 
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
 RunArg = Annotated[
