@@ -22,9 +22,14 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as exc:
         raise DeviceError(f"unknown device {name!r} (use auto, cpu or cuda)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("--device cuda: no CUDA GPU is available here (try --device cpu)")
+        raise DeviceError(
+            "{device} cuda: no CUDA GPU is available here (try {device} cpu)", fields=("device",)
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise DeviceError(
+            f"{{device}} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+            fields=("device",),
+        )
     if device.type not in ("cpu", "cuda"):
         raise DeviceError(f"unsupported device {name!r} (use auto, cpu or cuda)")
     return device
@@ -59,7 +64,9 @@ def resolve_precision(
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported(including_emulation=False)
         if precision is Precision.bf16 and not supported:
-            raise DeviceError("--precision bf16: this GPU has no bf16 support (use fp32)")
+            raise DeviceError(
+                "{precision} bf16: this GPU has no bf16 support (use fp32)", fields=("precision",)
+            )
         return torch.bfloat16 if supported else None
     if precision is Precision.bf16 or cpu_has_bf16():
         return torch.bfloat16

@@ -54,7 +54,7 @@ def test_train_reports_through_callbacks_and_stops_when_asked(tmp_path: Path, co
 def test_train_refuses_unknown_options_and_bad_values(tmp_path: Path, corpus: Path) -> None:
     with pytest.raises(TypeError, match="hiden"):
         charlm.train(corpus, out=tmp_path / "a", hiden=8)
-    with pytest.raises(charlm.ConfigError, match="--cell is one of"):
+    with pytest.raises(charlm.ConfigError, match=r"^cell is one of"):
         charlm.train(corpus, out=tmp_path / "b", cell="lsmt")
     with pytest.raises(charlm.ConfigError, match="batch_size must be positive"):
         charlm.train(corpus, out=tmp_path / "c", batch_size=0)

@@ -186,10 +186,34 @@ def test_a_collective_broken_by_a_peer_that_ended_is_one_line() -> None:
     from charlm.training.distributed import Ranks, peers_lost
 
     gone = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:17837")
-    lost = "rank 1 lost contact with the other training processes"
+    lost = "^lost contact with the other training processes"
     with pytest.raises(TrainingError, match=lost), peers_lost(Ranks(1, 2)):
         raise gone
     for ranks, error in ((Ranks(1, 2), RuntimeError("a bug")), (Ranks(), gone)):
         with pytest.raises(RuntimeError) as caught, peers_lost(ranks):
             raise error
         assert caught.value is error  # anything else passes through untouched
+
+
+def test_the_launcher_says_which_rank_an_error_of_one_rank_alone_happened_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An error only this rank has is raised for it to report, prefixed with its rank, worded by
+    each face; an error every rank shares (settled) goes to on_error on rank 0 alone."""
+    from charlm.errors import ConfigError, TrainingError
+    from charlm.training import distributed
+    from charlm.training.distributed import Ranks
+    from charlm.training.launch import _rank_errors
+
+    reported: list[str] = []
+    with pytest.raises(ConfigError) as caught, _rank_errors(Ranks(1, 2), reported.append):  # type: ignore[arg-type]
+        raise ConfigError("try a lower {lr}", fields=("lr",))
+    assert str(caught.value) == "rank 1: try a lower lr" and caught.value.exit_code == 2
+    assert caught.value.worded(lambda name: "--" + name) == "rank 1: try a lower --lr"
+    assert not caught.value.settled and reported == []
+    monkeypatch.setattr(distributed, "barrier", lambda ranks: None)  # no process group here
+    shared = TrainingError("diverged")
+    shared.settled = True
+    with pytest.raises(TrainingError) as caught, _rank_errors(Ranks(0, 2), reported.append):  # type: ignore[arg-type]
+        raise shared
+    assert caught.value is shared and reported == [shared]  # type: ignore[comparison-overlap]

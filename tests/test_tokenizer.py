@@ -83,7 +83,7 @@ def test_char_vocabulary_is_every_character_plus_bytes(corpus_text: str) -> None
     "kind,size,words",
     [
         ("bpe", 100_000, "too high"),
-        ("unigram", 100, r"need \d+ pieces; use --vocab-size \d+ or more"),
+        ("unigram", 100, r"need \d+ pieces; use vocab_size \d+ or more"),
     ],
 )
 def test_impossible_vocabulary_is_a_clear_error(corpus_text: str, kind: str, size: int, words: str) -> None:

@@ -9,7 +9,6 @@ Nothing here imports torch or pydantic: ``charlm --help`` stays instant.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -99,9 +98,9 @@ def guard(ctx: typer.Context, action: Callable[[], T]) -> T:
     except CharlmError as exc:
         if debug(ctx):
             raise
-        # An error every rank of a distributed run shares is said once, by rank 0.
-        shared = getattr(exc, "settled", False) and os.environ.get("RANK", "0") != "0"
-        if not (getattr(exc, "reported", False) or shared):
+        # An error every rank of a distributed run shares was said once already, by rank 0,
+        # through the training launcher's on_error (see charlm.training.launch.train_run).
+        if not exc.settled:
             report(exc)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:

@@ -7,7 +7,6 @@ Under torchrun every rank runs this; errors every rank shares are said once, by 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,6 +30,7 @@ from charlm.config import (
     DEFAULT_CLIP,
     DEFAULT_LR,
     Cell,
+    CheckpointTag,
     OptimizerKind,
     Precision,
     Softmax,
@@ -75,6 +75,20 @@ def train(
             "--eval-every, --save-every, --device and --precision."
         ),
     ] = False,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Fine-tune: start a new run from this run's weights, tokenizer and model (its model "
+            "options given again must keep its values; the training options are this command's).",
+            show_default=False,
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        CheckpointTag | None,
+        typer.Option(
+            help="Which checkpoint of --init-from to start from (default: best).", show_default=False
+        ),
+    ] = None,
     tokenizer: Annotated[TokenizerKind, typer.Option(help="SentencePiece model type.")] = TOK.kind,
     vocab_size: Annotated[
         int, typer.Option(help="Vocabulary size for bpe/unigram (char: all characters).")
@@ -202,18 +216,23 @@ def train(
     Under torchrun it trains in several processes; --batch-size is then the global batch.
     """
 
+    ranks = None
+
     def action() -> int:
+        nonlocal ranks
         from charlm.cli.render import TrainProgress, train_summary
         from charlm.training.distributed import from_env
         from charlm.training.launch import train_run
 
+        ranks = from_env()
+        own = {"corpus", "out", "resume", "init_from", "checkpoint", "encoding"}
         with TrainProgress(stderr) as progress:
             result = train_run(
-                corpus or (), out=out, resume=resume, encoding=encoding, callbacks=progress,
-                on_error=report, **_given(ctx, exclude={"corpus", "out", "resume", "encoding"}),
+                corpus or (), out=out, resume=resume, init_from=init_from, checkpoint=checkpoint,
+                encoding=encoding, callbacks=progress, on_error=report, **_given(ctx, exclude=own),
             )  # fmt: skip
         code = {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}.get(result.stop_reason, 0)
-        if from_env().main:
+        if ranks.main:
             stderr.print(escape(train_summary(result)), highlight=False, soft_wrap=True)
         return code
 
@@ -221,7 +240,7 @@ def train(
         code = guard(ctx, action)
     except typer.Exit as exc:
         code = exc.exit_code
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+    if ranks is not None and ranks.distributed:
         from charlm.training import distributed
 
         distributed.exit_now(code)  # see its docstring: a clean exit can abort under gloo

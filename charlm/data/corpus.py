@@ -194,7 +194,8 @@ def _file_chunks(path: Path, encoding: str, chunk_bytes: int) -> Iterator[tuple[
                     at = where.format(offset - pending + exc.start)
                     raise CorpusError(
                         f"{path} is not valid {encoding}: byte 0x{exc.object[exc.start]:02x} at {at}"
-                        " (if it is another encoding, say so with --encoding, e.g. --encoding latin-1)"
+                        " (if it is another encoding, say so with {encoding}, e.g. {encoding} latin-1)",
+                        fields=("encoding",),
                     ) from exc
                 if text:
                     yield text, disk.tell()

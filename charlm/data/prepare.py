@@ -105,7 +105,9 @@ def prepare_corpus(
     val_text = read_range(paths, encoding, cut, info.characters)
     if not val_text.strip() or info.first_text >= cut:
         raise CorpusError(
-            f"corpus of {info.characters} characters is too small to split off --val-fraction {val_fraction}"
+            f"corpus of {info.characters} characters is too small to split off "
+            f"{{val_fraction}} {val_fraction}",
+            fields=("val_fraction",),
         )
 
     def train_text() -> Iterator[str]:
@@ -138,7 +140,8 @@ def prepare_corpus(
     if train_ids.numel() < min_train_tokens:
         raise CorpusError(
             f"corpus too small: {train_ids.numel()} training tokens, need at least {min_train_tokens} "
-            "for the batch layout; use a larger corpus or a smaller --batch-size"
+            "for the batch layout; use a larger corpus or a smaller {batch_size}",
+            fields=("batch_size",),
         )
     val_ids = torch.from_numpy(files["val"].open())
     return Corpus(tokenizer, train_ids, val_ids, val_text, info.sha256, cached)

@@ -274,13 +274,16 @@ def train_tokenizer_from(chunks: Callable[[], Iterable[str]], config: TokenizerC
         # "INTERNAL: src/trainer_interface.cc(744) [check] Vocabulary size too high ..."
         message = str(exc).strip().split("] ", 1)[-1] or repr(exc)
         small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+        fields: tuple[str, ...] = ()
         if small:  # SentencePiece's advice names its own option, which charlm has not
             message = (
                 f"every character of the corpus and the byte pieces need {small[2]} pieces; use "
-                f"--vocab-size {small[2]} or more (or --tokenizer char)"
+                f"{{vocab_size}} {small[2]} or more (or {{tokenizer}} char)"
             )
+            fields = ("vocab_size", "tokenizer")
         raise TokenizerError(
             f"cannot build a {config.kind.value} vocabulary of {config.vocab_size} pieces "
-            f"(byte fallback takes {_BYTE_PIECES} of them): {message}"
+            f"(byte fallback takes {_BYTE_PIECES} of them): {message}",
+            fields=fields,
         ) from exc
     return Tokenizer(buffer.getvalue())

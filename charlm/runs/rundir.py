@@ -4,7 +4,7 @@ Layout (everything ``sample``, ``eval`` and ``train --resume`` need, nothing tha
 
     RUN/
       run.json          format version, charlm version, the RunConfig, checksums of the two below
-                        and of the corpus text
+                        and of the corpus text; a fine-tuned run's parent (see :class:`Parent`)
       tokenizer.model   the SentencePiece model (a protobuf)
       heldout.txt       the validation text, never trained on
       metrics.jsonl     one JSON object per evaluation
@@ -13,7 +13,8 @@ Layout (everything ``sample``, ``eval`` and ``train --resume`` need, nothing tha
       best/, latest/    checkpoints (see :mod:`charlm.runs.checkpoint`)
 
 This module finds, creates, reads and updates runs; :mod:`charlm.runs.checkpoint` writes and
-verifies the checkpoints inside them.
+verifies the checkpoints inside them. Whether ``charlm train`` starts a run or continues one is
+decided in :mod:`charlm.training.plan`, from what this module finds.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ from typing import Any
 
 from charlm import __version__
 from charlm.config import RunConfig
-from charlm.data.corpus import corpus_name, describe
 from charlm.data.tokenizer import Tokenizer
-from charlm.errors import CharlmError, CheckpointError, ConfigError
+from charlm.errors import CharlmError, CheckpointError
 from charlm.files import atomic_write, os_errors
 from charlm.runs.checkpoint import (
     FORMAT_VERSION,
@@ -52,6 +52,32 @@ DEFAULT_ROOT = Path("checkpoints")
 
 
 @dataclass(frozen=True)
+class Parent:
+    """The run a fine-tuned run started from: its directory, the checkpoint whose weights it took
+    ("best" or "latest"), and their SHA-256 (as that checkpoint's manifest records it), so that
+    where the run came from can be told even after the parent has trained on."""
+
+    run: str
+    checkpoint: str
+    weights_sha256: str
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, file: Path) -> Parent:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            CheckpointError: ``data`` is not a parent record.
+        """
+        try:
+            return cls(str(data["run"]), str(data["checkpoint"]), str(data["weights_sha256"]))
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{file} is damaged: its parent run is unreadable ({exc})") from exc
+
+
+@dataclass(frozen=True)
 class Run:
     """A loaded run directory: its config and tokenizer (weights load separately)."""
 
@@ -59,6 +85,7 @@ class Run:
     config: RunConfig
     tokenizer: Tokenizer
     corpus_sha256: str | None = None  # of the corpus text (after decoding), None if not recorded
+    parent: Parent | None = None  # a fine-tuned run's starting point; None for a run from scratch
 
     def heldout_text(self) -> str:
         """The validation text the run was evaluated on during training."""
@@ -82,52 +109,11 @@ def check_new_run(path: Path) -> None:
     """
     if (path / RUN_FILE).exists():
         raise CheckpointError(
-            f"{path} already holds a run; add --resume to continue it, or choose another --out"
+            f"{path} already holds a run; add {{resume}} to continue it, or choose another {{out}}",
+            fields=("resume", "out"),
         )
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a directory")
-
-
-def train_dir(
-    out: Path | None, inputs: Sequence[str | os.PathLike[str]], resume: bool, root: Path = DEFAULT_ROOT
-) -> tuple[Path, str | None]:
-    """Where ``charlm train`` trains, and why a ``--resume`` starts a new run there (None if not).
-
-    A new run goes to ``out``, else to ``root/NAME`` after the corpus (numbered if taken). With
-    ``resume``: the run in ``out``; without ``out``, the latest run of ``inputs`` (see
-    :func:`run_for_corpus`), or with no ``inputs`` the latest run (:func:`latest_run`). Where the
-    corpus is given and there is no run yet (a first launch, or one killed before its run was
-    written), resume starts it: one command serves the first launch and every relaunch.
-
-    Raises:
-        ConfigError: neither a corpus nor ``resume``.
-        CheckpointError: ``resume`` without a corpus and without a run; an ``out`` that is a file,
-            or that holds a run when not resuming.
-    """
-    if not resume:
-        if not inputs:
-            raise ConfigError("give a corpus file to train on (or --resume to continue a run)")
-        run_dir = out or new_run_dir(corpus_name(inputs), root)
-        check_new_run(run_dir)
-        return run_dir, None
-    if out is None and inputs:
-        found = run_for_corpus(inputs, root)
-        if found is not None:
-            return found, None
-        run_dir = new_run_dir(corpus_name(inputs), root)
-        return run_dir, f"no run of {describe(inputs)} under {root} yet: starting {run_dir}"
-    run_dir = out or latest_run(root)
-    if (run_dir / RUN_FILE).is_file():
-        return run_dir, None
-    if not inputs:
-        if not run_dir.exists():
-            raise CheckpointError(f"run not found: {run_dir}")
-        raise CheckpointError(
-            f"{run_dir} was stopped before training began; give the corpus to start it: "
-            f"`charlm train CORPUS --out {run_dir} --resume`"
-        )
-    check_new_run(run_dir)
-    return run_dir, f"no run in {run_dir} yet: starting it"
 
 
 def make_run_dir(path: Path) -> None:
@@ -147,10 +133,16 @@ def remove_if_empty(path: Path) -> None:
 
 
 def create_run(
-    path: Path, config: RunConfig, tokenizer: Tokenizer, heldout: str, corpus_sha256: str | None = None
+    path: Path,
+    config: RunConfig,
+    tokenizer: Tokenizer,
+    heldout: str,
+    corpus_sha256: str | None = None,
+    parent: Parent | None = None,
 ) -> Run:
     """Write the parts of a run that do not change during training; ``run.json`` goes last and
-    records the checksums of the others, so a run directory without it is not a run.
+    records the checksums of the others, so a run directory without it is not a run. ``parent``:
+    the run a fine-tuned run starts from.
 
     Raises:
         CheckpointError: the directory already holds a run, or cannot be written.
@@ -168,8 +160,10 @@ def create_run(
             "corpus_sha256": corpus_sha256,
             "files": {name: sha256(data) for name, data in files.items()},
         }
+        if parent is not None:
+            meta["parent"] = parent.to_dict()
         atomic_write(path / RUN_FILE, json.dumps(meta, indent=2).encode())
-    return Run(path, config, tokenizer, corpus_sha256)
+    return Run(path, config, tokenizer, corpus_sha256, parent)
 
 
 def update_config(run: Run, config: RunConfig) -> Run:
@@ -233,6 +227,30 @@ def load_run(path: Path) -> Run:
     Raises:
         CheckpointError: not a run directory, damaged, or written by a newer charlm.
     """
+    meta = _run_meta(path)
+    config, parent = _record(meta, path)
+    checksums = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+    try:
+        tokenizer = Tokenizer.from_bytes(verified(path / TOKENIZER_FILE, checksums.get(TOKENIZER_FILE)))
+    except CharlmError as exc:
+        raise CheckpointError(f"{path} is damaged: {exc}") from exc
+    verified(path / HELDOUT_FILE, checksums.get(HELDOUT_FILE))
+    corpus = meta.get("corpus_sha256")
+    return Run(path, config, tokenizer, corpus if isinstance(corpus, str) else None, parent)
+
+
+def read_record(path: Path) -> tuple[RunConfig, Parent | None]:
+    """A run's config and parent from ``run.json`` alone: what deciding how to continue it needs,
+    without reading (and verifying) its tokenizer and held-out text, as :func:`load_run` does.
+
+    Raises:
+        CheckpointError: not a run directory, damaged, or written by a newer charlm.
+    """
+    return _record(_run_meta(path), path)
+
+
+def _run_meta(path: Path) -> dict[str, Any]:
+    """``run.json``'s object, its format checked."""
     if not path.exists():
         raise CheckpointError(f"run not found: {path}")
     if not path.is_dir() or not (path / RUN_FILE).is_file():
@@ -241,15 +259,16 @@ def load_run(path: Path) -> Run:
     if not isinstance(meta, dict) or not isinstance(meta.get("format"), int) or "config" not in meta:
         raise CheckpointError(f"{path / RUN_FILE} is not a charlm run file")
     check_format(meta["format"], meta.get("charlm"), path)
-    checksums = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+    return meta
+
+
+def _record(meta: dict[str, Any], path: Path) -> tuple[RunConfig, Parent | None]:
     try:
         config = RunConfig.from_dict(meta["config"])
-        tokenizer = Tokenizer.from_bytes(verified(path / TOKENIZER_FILE, checksums.get(TOKENIZER_FILE)))
     except CharlmError as exc:
         raise CheckpointError(f"{path} is damaged: {exc}") from exc
-    verified(path / HELDOUT_FILE, checksums.get(HELDOUT_FILE))
-    corpus = meta.get("corpus_sha256")
-    return Run(path, config, tokenizer, corpus if isinstance(corpus, str) else None)
+    parent = meta.get("parent")
+    return config, None if parent is None else Parent.from_dict(parent, path / RUN_FILE)
 
 
 def latest_run(root: Path = DEFAULT_ROOT) -> Path:

@@ -86,7 +86,10 @@ def share(batch_size: int, ranks: Ranks) -> int:
         ConfigError: the batch does not divide evenly among the ranks.
     """
     if batch_size % ranks.world:
-        raise ConfigError(f"--batch-size {batch_size} must divide evenly among {ranks.world} processes")
+        raise ConfigError(
+            f"{{batch_size}} {batch_size} must divide evenly among {ranks.world} processes",
+            fields=("batch_size",),
+        )
     return batch_size // ranks.world
 
 
@@ -162,8 +165,8 @@ def settle(action: Callable[[], T], ranks: Ranks) -> T:
 
     If ``action`` raised a :class:`CharlmError` on any rank, every rank raises the error of the
     lowest such rank: its own exception where that is its own, else one of the same class, message
-    (prefixed ``rank N:`` when N is not 0) and exit code. Each error raised here has ``settled``
-    set, which tells a face that rank 0 reports it and the other ranks may end silently. With one
+    (prefixed ``rank N:`` when N is not 0), fields and exit code. Each error raised here has
+    ``settled`` set: every rank has it, so the launcher has rank 0 alone report it. With one
     process this is ``action()``.
     """
     if not ranks.distributed:
@@ -174,25 +177,36 @@ def settle(action: Callable[[], T], ranks: Ranks) -> T:
         value = action()
     except CharlmError as exc:
         own = exc
-    report = None if own is None else (type(own).__name__, str(own), own.exit_code)
-    reports: list[tuple[str, str, int] | None] = [None] * ranks.world
+    # the template and its fields, so that each face words the error as it does its own
+    report = None if own is None else (type(own).__name__, own.template, own.fields, own.exit_code)
+    reports: list[tuple[str, str, tuple[str, ...], int] | None] = [None] * ranks.world
     dist.all_gather_object(reports, report)
     failed = next(((rank, r) for rank, r in enumerate(reports) if r is not None), None)
     if failed is None:
         return value  # type: ignore[return-value]
-    rank, (kind, message, code) = failed
+    rank, (kind, template, fields, code) = failed
     if rank == ranks.rank and own is not None:
         error = own
     else:
         cls = getattr(errors, kind, CharlmError)
         error = (cls if isinstance(cls, type) and issubclass(cls, CharlmError) else CharlmError)(
-            message if rank == 0 else f"rank {rank}: {message}"
+            template, fields=fields
         )
         error.exit_code = code
-    error.settled = True  # type: ignore[attr-defined]
+        if rank != 0:
+            error = on_rank(error, rank)
+    error.settled = True
     if error is own:
         raise error
     raise error from own
+
+
+def on_rank(error: CharlmError, rank: int) -> CharlmError:
+    """``error`` as one rank's own: the same class, fields and exit code, its message prefixed
+    ``rank N:`` (which of the processes it happened on)."""
+    said = type(error)(f"rank {rank}: {error.template}", fields=error.fields)
+    said.exit_code = error.exit_code
+    return said
 
 
 @contextmanager
@@ -210,6 +224,6 @@ def peers_lost(ranks: Ranks) -> Iterator[None]:
         if not (ranks.distributed and gone):
             raise
         raise TrainingError(
-            f"rank {ranks.rank} lost contact with the other training processes: one of them ended "
-            "(its own message says why) or the network failed"
+            "lost contact with the other training processes: one of them ended (its own message "
+            "says why) or the network failed"
         ) from exc

@@ -31,6 +31,7 @@ from charlm.training.setup import (
     build_model,
     build_optimizer,
     distribute,
+    parent_weights,
     prepare_resume,
     prepare_run,
     rank_streams,
@@ -83,6 +84,8 @@ class Trainer:
         self.device = rank_device(resolve_device(tc.device), ranks)
         self.autocast = resolve_precision(tc.precision, self.device, tc.optimizer)
         self.model = build_model(run.config, train_ids, self.device)  # the same weights on every rank
+        if resume is None and run.parent is not None:  # a fine-tuned run starts from its parent's
+            checkpoint.load_weights(self.model, parent_weights(run.parent), run.parent.run)
         self.optimizer = build_optimizer(self.model, tc)
         self.net = distribute(self.model, self.device, ranks, tc.seed)
         self.streams, self.tokens_per_epoch = rank_streams(train_ids, tc.batch_size, ranks)  # (b, L)
@@ -225,7 +228,8 @@ class Trainer:
         if recoveries > MAX_RECOVERIES:
             raise TrainingError(
                 f"training diverged: {why} after {MAX_RECOVERIES} restores; the last good checkpoint "
-                f"is in {self.run.path}; try a lower --lr or --clip"
+                f"is in {self.run.path}; try a lower {{lr}} or {{clip}}",
+                fields=("lr", "clip"),
             )
         self._restore(self._good)
         p.skipped_steps, p.recoveries = skipped, recoveries

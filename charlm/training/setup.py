@@ -1,35 +1,27 @@
-"""Setting a run up: its corpus and directory (new or resumed, with the options a resume may
-change), and the small builders the loop starts from (model, optimizer, this rank's streams)."""
+"""Setting a run up as its plan (:mod:`charlm.training.plan`) says: its corpus and directory, new
+or reopened, and the small builders the loop starts from (model, optimizer, this rank's streams)."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Sequence
-from enum import Enum
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from charlm.config import ModelConfig, OptimizerKind, RunConfig, TrainConfig, fit_to_corpus
+from charlm.config import OptimizerKind, RunConfig, TrainConfig, fit_to_corpus
 from charlm.data.batches import batchify, token_counts
 from charlm.data.corpus import describe
 from charlm.data.prepare import prepare_corpus
-from charlm.errors import CheckpointError, ConfigError, CorpusError
+from charlm.errors import CheckpointError, CorpusError
 from charlm.model.network import RNNLM
 from charlm.runs import checkpoint, rundir
 from charlm.runs.checkpoint import Snapshot
-from charlm.runs.rundir import Run
+from charlm.runs.rundir import Parent, Run
 from charlm.training.distributed import Ranks, share
 from charlm.training.report import Callbacks, SilentCallbacks
-
-# Options that may change when a run is resumed (they do not change what was learned so far).
-RESUMABLE_CHANGES = (
-    "epochs", "max_steps", "max_time", "eval_every", "save_steps", "save_seconds", "device", "precision",
-    "sample_every",
-)  # fmt: skip
 
 
 def prepare_run(
@@ -39,12 +31,14 @@ def prepare_run(
     encoding: str = "utf-8",
     callbacks: Callbacks | None = None,
     given: Collection[str] | None = None,
+    parent: Parent | None = None,
 ) -> tuple[Run, torch.Tensor, torch.Tensor]:
     """Prepare the corpus (see :func:`charlm.data.prepare.prepare_corpus`) and create the run directory.
 
     ``given``: the config fields the user set; a scan cell's regularisation not among them follows
     the corpus's size (:func:`charlm.config.fit_to_corpus`, which says what it chose). None: all
-    were set (the config is used as it is).
+    were set (the config is used as it is). ``parent``: the run a fine-tuned run starts from,
+    whose tokenizer encodes the corpus (``config`` holds its tokenizer and model already).
 
     Returns:
         The run, the training ids (N,) and the validation ids (M,).
@@ -55,6 +49,7 @@ def prepare_run(
     """
     rundir.check_new_run(out)
     cb = callbacks or SilentCallbacks()
+    tokenizer = rundir.load_run(Path(parent.run)).tokenizer if parent is not None else None
     corpus = prepare_corpus(
         paths,
         config.tokenizer,
@@ -62,7 +57,8 @@ def prepare_run(
         2 * config.train.batch_size,
         encoding,
         cb.on_status,
-        progress=cb.on_progress,
+        tokenizer,
+        cb.on_progress,
     )
     config = dataclasses.replace(
         config,
@@ -73,7 +69,7 @@ def prepare_run(
         config, why = fit_to_corpus(config, corpus.train_ids.numel(), given)
         if why:
             cb.on_status(why)
-    run = rundir.create_run(out, config, corpus.tokenizer, corpus.val_text, corpus.sha256)
+    run = rundir.create_run(out, config, corpus.tokenizer, corpus.val_text, corpus.sha256, parent)
     return run, corpus.train_ids, corpus.val_ids
 
 
@@ -82,16 +78,16 @@ def prepare_resume(
     paths: Sequence[Path | str] = (),
     encoding: str = "utf-8",
     callbacks: Callbacks | None = None,
-    changes: dict[str, Any] | None = None,
+    config: RunConfig | None = None,
     write: bool = True,
 ) -> tuple[Run, torch.Tensor, torch.Tensor, Snapshot | None]:
     """Reopen a run to continue it: the same corpus (checked by checksum), its own tokenizer, and
     the newest checkpoint that verifies (falling back, and saying so, past damaged ones).
 
-    ``changes`` holds the options a user gave again, by option name (see :func:`resumed_config`):
-    a value equal to the run's own is accepted whatever the option, so the command that started a
-    run, with ``--resume`` added, continues it; the options in :data:`RESUMABLE_CHANGES` may also
-    take new values (a longer run, say), which are recorded in ``run.json``.
+    ``config``: the run's config with the changes its plan allowed (see
+    :func:`charlm.training.plan.resumed_config`), recorded in ``run.json`` (with ``write``); None:
+    the run's own. A fine-tuned run that stopped before its first checkpoint starts again from its
+    parent's weights, which must still be the ones it recorded.
 
     Returns:
         The run, training ids (N,), validation ids (M,), and the snapshot to resume from (None if
@@ -100,11 +96,10 @@ def prepare_resume(
     Raises:
         CheckpointError: not a run, damaged beyond its checkpoints, or no checkpoint verifies.
         CorpusError: the corpus is not the text the run was trained on.
-        ConfigError: ``changes`` gives another value to an option that cannot change mid-run.
     """
     cb = callbacks or SilentCallbacks()
     run = rundir.load_run(run_dir)
-    config = resumed_config(run.config, changes or {})
+    config = config or run.config
     tc = config.train
     sources = list(paths) or list(config.corpus)
     corpus = prepare_corpus(
@@ -126,6 +121,8 @@ def prepare_resume(
     if config != run.config:
         run = rundir.update_config(run, config) if write else dataclasses.replace(run, config=config)
     if snapshot is None:
+        if run.parent is not None:
+            parent_weights(run.parent)  # refused here, by every rank alike, not once training
         if write:
             rundir.truncate_metrics(run, None)
         cb.on_status("no checkpoint yet: starting at step 0")
@@ -134,64 +131,24 @@ def prepare_resume(
     return run, corpus.train_ids, corpus.val_ids, snapshot
 
 
-# Where each option given to a resumed run lives in its config: (section, field). The tokenizer's
-# options have names of their own; the model's and the training's are their fields' names.
-OPTION_FIELDS: dict[str, tuple[str, str]] = {
-    "tokenizer": ("tokenizer", "kind"),
-    "vocab_size": ("tokenizer", "vocab_size"),
-    **{f.name: ("model", f.name) for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"},
-    **{f.name: ("train", f.name) for f in dataclasses.fields(TrainConfig)},
-}
-
-
-def resumed_config(saved: RunConfig, changes: dict[str, Any]) -> RunConfig:
-    """``saved`` with the options a resumed run was given (``changes``, by option name).
-
-    An option given its saved value changes nothing, whatever it is (``--lr`` and ``--clip``
-    compare with the learning rate and clip the run trains with, its optimizer's default where it
-    gave none). Only the options in :data:`RESUMABLE_CHANGES` may take another value: the others
-    decide what the run learned so far (its weights' shapes, its data, its schedule).
+def parent_weights(parent: Parent) -> dict[str, torch.Tensor]:
+    """The weights a fine-tuned run starts from: its parent's checkpoint, verified, and still the
+    one it recorded (the parent may have trained on since; a run started again from step 0 must
+    start from the same weights).
 
     Raises:
-        ConfigError: an option takes another value than the run's and may not change, naming each
-            such option with both values; or an unknown option; or the new values are invalid.
+        CheckpointError: the checkpoint is gone, damaged, or has other weights now.
     """
-    refused, train = [], {}
-    for name, value in changes.items():
-        if name not in OPTION_FIELDS:
-            raise ConfigError(f"{_flag(name)} is not an option of a run")
-        section, field_name = OPTION_FIELDS[name]
-        own = getattr(getattr(saved, section), field_name)
-        if name in ("lr", "clip") and value is not None:
-            own = saved.train.effective_lr if name == "lr" else saved.train.effective_clip
-        if name in RESUMABLE_CHANGES:
-            train[name] = value
-        elif value != own:
-            refused.append(f"{_flag(name)} is {_shown(own)} in this run; {_shown(value)} given")
-    if refused:
-        allowed = [_flag(n) for n in RESUMABLE_CHANGES if n != "save_seconds"]
-        raise ConfigError(
-            f"{', and '.join(refused)} (only {', '.join(allowed[:-1])} and {allowed[-1]} may change when "
-            "resuming; for the others, start a new run with another --out)"
+    path = Path(parent.run)
+    now = checkpoint.weights_sha256(path, parent.checkpoint)
+    if now != parent.weights_sha256:
+        raise CheckpointError(
+            f"the {parent.checkpoint} checkpoint of {path} is not the one this run started from any more "
+            "(its weights changed since); start a new fine-tuned run from it"
         )
-    return dataclasses.replace(saved, train=dataclasses.replace(saved.train, **train)) if train else saved
-
-
-def _flag(name: str) -> str:
-    """The command-line option that sets the config field ``name``."""
-    return "--save-every" if name in ("save_steps", "save_seconds") else f"--{name.replace('_', '-')}"
-
-
-def _shown(value: Any) -> str:
-    """A config value as a user types it."""
-    if isinstance(value, Enum):
-        return str(value.value)
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float):
-        text = repr(value)  # exact: two values never read alike
-        return text[:-2] if text.endswith(".0") else text
-    return "unset" if value is None else str(value)
+    directory = checkpoint.checkpoint_dir(path, parent.checkpoint)
+    assert directory is not None  # it has a manifest: weights_sha256 read it
+    return checkpoint.load_snapshot(directory).weights
 
 
 # The pseudo-count of a token the training text never has, in the output bias's prior: a hundredth
