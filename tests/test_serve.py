@@ -25,8 +25,9 @@ import uvicorn
 import charlm
 from charlm.config import SampleConfig
 from charlm.errors import ConfigError
+from charlm.generation.chat import DEFAULT_FORMAT, ChatFormat
 from charlm.serve.app import STREAM_INTERVAL, Limits, _Completions, _events, _Pieces, create_app
-from charlm.serve.engine import Engine, Request
+from charlm.serve.engine import CACHE_BYTES, Engine, Request
 from tests.conftest import invoke
 
 
@@ -59,12 +60,14 @@ class Running:
         max_rows: int = 64,
         limits: Limits | None = None,
         stream_interval: float = STREAM_INTERVAL,
+        chat_format: ChatFormat = DEFAULT_FORMAT,
+        cache_bytes: int = CACHE_BYTES,
     ):
         model = charlm.load(run, device="cpu")
-        self.engine = Engine(model.network, model.run.tokenizer, max_rows)
+        self.engine = Engine(model.network, model.run.tokenizer, max_rows, cache_bytes)
         self.engine.start()
         self.port = free_port()
-        app = create_app({"tiny": self.engine}, api_key, limits, stream_interval)
+        app = create_app({"tiny": self.engine}, api_key, limits, stream_interval, chat_format)
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         )
@@ -335,8 +338,11 @@ def test_bad_requests_get_openai_errors_never_500(server: Running) -> None:
         (json.dumps({"model": "tiny", "prompt": "a", "best_of": 3}).encode(), 400, "best_of"),
         (json.dumps({"model": "tiny", "prompt": "a", "suffix": "z"}).encode(), 400, "suffix"),
         (json.dumps({"model": "tiny", "prompt": "a", "logit_bias": {"5": 100}}).encode(), 400, "logit_bias"),
-        (json.dumps({"model": "tiny", "prompt": "a", "stream_options": {"x": 1}}).encode(), 400,
-         "stream_options.x"),
+        (
+            json.dumps({"model": "tiny", "prompt": "a", "stream_options": {"x": 1}}).encode(),
+            400,
+            "stream_options.x",
+        ),
     ]
     for body, status, param in cases:
         reply = httpx.post(url, content=body, timeout=30)
@@ -367,8 +373,18 @@ def test_echo_usage_and_one_model(server: Running) -> None:
     prompts = ["ab", "ab", "c", "c"]
     assert [c.text for c in done.choices] == [p + c.text for p, c in zip(prompts, plain.choices, strict=True)]
     assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (3, 12)
-    chunks = list(client.completions.create(model="tiny", prompt=["ab", "c"], n=2, max_tokens=3, seed=1,
-                                            echo=True, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=["ab", "c"],
+            n=2,
+            max_tokens=3,
+            seed=1,
+            echo=True,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     texts = collections.defaultdict(str)
     for chunk in chunks[:-1]:
         assert chunk.usage is None
