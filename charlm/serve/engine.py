@@ -388,11 +388,12 @@ class Engine:
             if caching:
                 row.generated.append(row.token)
             if row.decoder.finish is not None:
-                self._send(request, "", row.decoder.finish)
-                row.left = True
-                if caching:  # its state before its last token: the next turn reads on from it
+                if caching:  # its state before its last token, kept before the client hears of
+                    # the end: the next turn, which may come at once, reads on from it
                     hidden, _ = sampler.state(row)
                     self.cache.put(row.ids + row.generated[:-1], hidden, None)
+                self._send(request, "", row.decoder.finish)
+                row.left = True
         self._flush()
         with self._lock:
             self._rows = [r for r in self._rows if not r.left]
