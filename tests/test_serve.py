@@ -24,9 +24,24 @@ import uvicorn
 
 import charlm
 from charlm.config import SampleConfig
-from charlm.serve.app import STREAM_INTERVAL, Limits, _Ask, _events, _Pieces, create_app
-from charlm.serve.engine import Engine, Request
+from charlm.errors import ConfigError
+from charlm.generation.chat import DEFAULT_FORMAT, ChatFormat
+from charlm.serve.app import STREAM_INTERVAL, Limits, _Completions, _events, _Pieces, create_app
+from charlm.serve.engine import CACHE_BYTES, Engine, Request
 from tests.conftest import invoke
+
+
+def _names_fields() -> bool:
+    """Whether the library's sampling config names the field it refuses (``{top_p} must ...``):
+    the server then words it as the request's JSON key and sets ``param``."""
+    try:
+        SampleConfig(top_p=0)
+    except ConfigError as exc:
+        return bool(exc.fields)
+    return False
+
+
+NAMED = _names_fields()
 
 
 def free_port() -> int:
@@ -45,12 +60,14 @@ class Running:
         max_rows: int = 64,
         limits: Limits | None = None,
         stream_interval: float = STREAM_INTERVAL,
+        chat_format: ChatFormat = DEFAULT_FORMAT,
+        cache_bytes: int = CACHE_BYTES,
     ):
         model = charlm.load(run, device="cpu")
-        self.engine = Engine(model.network, model.run.tokenizer, max_rows)
+        self.engine = Engine(model.network, model.run.tokenizer, max_rows, cache_bytes)
         self.engine.start()
         self.port = free_port()
-        app = create_app({"tiny": self.engine}, api_key, limits, stream_interval)
+        app = create_app({"tiny": self.engine}, api_key, limits, stream_interval, chat_format)
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         )
@@ -146,12 +163,12 @@ def test_chunks_go_out_an_interval_apart_and_a_choice_s_end_at_once() -> None:
     def request() -> Request:
         return Request("", SampleConfig(), lambda piece, finish: None)
 
-    def ask(rows: int) -> _Ask:
-        return _Ask("tiny", [""] * rows, SampleConfig(), 1, True, False, False)
+    def shape(rows: int) -> _Completions:
+        return _Completions([""] * rows, 1, echo=False)
 
     async def steady() -> None:
         queue = _Pieces()
-        events = _events(queue, [request()], ask(1), {"id": "id"}, 0.05)
+        events = _events(queue, [request()], shape(1), {"id": "id"}, 0.05)
 
         async def engine() -> None:
             for i in range(100):
@@ -171,7 +188,7 @@ def test_chunks_go_out_an_interval_apart_and_a_choice_s_end_at_once() -> None:
 
     async def ending() -> None:
         queue = _Pieces()
-        events = _events(queue, [request(), request()], ask(2), {"id": "id"}, 30)
+        events = _events(queue, [request(), request()], shape(2), {"id": "id"}, 30)
         queue.put_nowait((0, "a", None))
         start, first = await _next_chunk(events)  # at once
         assert first is not None and first["choices"][0]["text"] == "a"
@@ -300,7 +317,7 @@ def test_bad_requests_get_openai_errors_never_500(server: Running) -> None:
         (json.dumps({"model": "tiny", "prompt": "a", "max_tokens": True}).encode(), 400, "max_tokens"),
         (json.dumps({"model": "tiny", "prompt": "a", "max_tokens": 10**9}).encode(), 400, "max_tokens"),
         (json.dumps({"model": "tiny", "prompt": "a", "temperature": 9}).encode(), 400, "temperature"),
-        (json.dumps({"model": "tiny", "prompt": "a", "top_p": 0}).encode(), 400, None),
+        (json.dumps({"model": "tiny", "prompt": "a", "top_p": 0}).encode(), 400, NAMED and "top_p"),
         (json.dumps({"model": "tiny", "prompt": "a", "n": 0}).encode(), 400, "n"),
         (json.dumps({"model": "tiny", "prompt": "a", "stop": [1]}).encode(), 400, "stop"),
         (json.dumps({"model": "tiny", "prompt": "a" * 200_000}).encode(), 400, "prompt"),
@@ -321,8 +338,11 @@ def test_bad_requests_get_openai_errors_never_500(server: Running) -> None:
         (json.dumps({"model": "tiny", "prompt": "a", "best_of": 3}).encode(), 400, "best_of"),
         (json.dumps({"model": "tiny", "prompt": "a", "suffix": "z"}).encode(), 400, "suffix"),
         (json.dumps({"model": "tiny", "prompt": "a", "logit_bias": {"5": 100}}).encode(), 400, "logit_bias"),
-        (json.dumps({"model": "tiny", "prompt": "a", "stream_options": {"x": 1}}).encode(), 400,
-         "stream_options"),
+        (
+            json.dumps({"model": "tiny", "prompt": "a", "stream_options": {"x": 1}}).encode(),
+            400,
+            "stream_options.x",
+        ),
     ]
     for body, status, param in cases:
         reply = httpx.post(url, content=body, timeout=30)
@@ -353,8 +373,18 @@ def test_echo_usage_and_one_model(server: Running) -> None:
     prompts = ["ab", "ab", "c", "c"]
     assert [c.text for c in done.choices] == [p + c.text for p, c in zip(prompts, plain.choices, strict=True)]
     assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (3, 12)
-    chunks = list(client.completions.create(model="tiny", prompt=["ab", "c"], n=2, max_tokens=3, seed=1,
-                                            echo=True, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=["ab", "c"],
+            n=2,
+            max_tokens=3,
+            seed=1,
+            echo=True,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     texts = collections.defaultdict(str)
     for chunk in chunks[:-1]:
         assert chunk.usage is None

@@ -181,6 +181,11 @@ class BatchSampler(Generic[S]):
             out.append((stream, stream.decoder.push(token)))
         return out
 
+    def state(self, stream: S) -> tuple[Hidden, np.ndarray]:
+        """``stream``'s recurrent state ((layers, 1, S), a pair for the LSTM) and next-token
+        scores (V,), as they are now: copies, to keep."""
+        return self.rows.hidden(stream._row), self.rows.scores[stream._row].copy()
+
     def going(self) -> list[S]:
         """The streams that go on at the next :meth:`advance` (not ended, not left)."""
         return [s for s in self.streams if not s.left and s.decoder.finish is None]

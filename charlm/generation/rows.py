@@ -85,6 +85,23 @@ class Rows:
             self._settle()
         return self._scores
 
+    def hidden(self, row: int) -> Hidden:
+        """Row ``row``'s state as the module takes it ((layers, 1, S), a pair for the LSTM): a
+        copy, to keep (the server's cache of states keeps it to start later rows from)."""
+        self._settle()
+        parts = self._parts(self._state)
+        if self.stepper is not None:  # (B, S) arrays, layer by layer: h (and c) of each
+            each = 2 if self._lstm else 1
+            stacked = [
+                torch.from_numpy(
+                    np.stack([parts[i * each + k][row] for i in range(len(parts) // each)])[:, None]
+                )
+                for k in range(each)
+            ]  # (layers, 1, S) each
+        else:
+            stacked = [part[:, row : row + 1].clone() for part in parts]  # (layers, 1, S) each
+        return (stacked[0], stacked[1]) if self._lstm else stacked[0]
+
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (indices, in their new order); the others leave."""
         self._settle()

@@ -1,5 +1,8 @@
-"""The HTTP face: the shape of the OpenAI completions API on Starlette, over one :class:`Engine`
-per run served. Bad requests get a 4xx with an OpenAI-style JSON error, never a 500."""
+"""The HTTP face: the shape of OpenAI's completions and chat completions APIs on Starlette, over
+one :class:`Engine` per run served. The requests are declared in :mod:`charlm.serve.protocol`;
+here are the routes, which turn a request into rows of the engine and its text into OpenAI's
+responses and server-sent events. Bad requests get a 4xx with an OpenAI-style JSON error, never a
+500."""
 
 from __future__ import annotations
 
@@ -10,8 +13,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -22,53 +24,11 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from charlm.config import SampleConfig
-from charlm.errors import ConfigError
+from charlm.generation.chat import DEFAULT_FORMAT, ChatFormat
 from charlm.serve.engine import Busy, Engine, Request, Sink, TooLarge
+from charlm.serve.protocol import ApiError, ChatRequest, CompletionRequest, Limits, Sampling, parse
 
-
-@dataclass(frozen=True)
-class Limits:
-    """Caps on what one request may ask for."""
-
-    max_tokens: int = 4096
-    max_prompt_chars: int = 100_000
-    max_n: int = 16
-
-
-class ApiError(Exception):
-    """A request the API refuses: an HTTP status and OpenAI's error fields."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> Response:
-        # ASCII JSON: a message may quote what the client sent, lone surrogates included, which
-        # UTF-8 cannot encode (Starlette's JSONResponse failed on them with a 500)
-        return Response(json.dumps(self.body()), self.status, media_type="application/json")
-
-
-# The fields of OpenAI's completions request, and charlm's own sampling controls. Any other is
-# refused, as OpenAI does: a misspelt "temprature" must not be ignored without a word.
-FIELDS = frozenset({
-    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
-    "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature",
-    "top_p", "user", "top_k", "min_p", "repetition_penalty",
-})  # fmt: skip
-# Fields of OpenAI's that charlm does not do, accepted only at their "off" values: a client that
-# scores text with echo and logprobs must hear that it gets none, not receive text without them.
-UNSUPPORTED = {"best_of": (None, 1), "logit_bias": (None, {}), "logprobs": (None,), "suffix": (None, "")}
-
+__all__ = ["STREAM_INTERVAL", "ApiError", "Limits", "create_app"]
 
 # A stream's chunks go out at most this often (seconds): what a stream generated in between goes
 # out in one chunk. A chunk costs the server a socket write (the most of its time per chunk under
@@ -83,11 +43,14 @@ def create_app(
     api_key: str | None = None,
     limits: Limits | None = None,
     stream_interval: float = STREAM_INTERVAL,
+    chat_format: ChatFormat = DEFAULT_FORMAT,
 ) -> Starlette:
     """The ASGI app serving ``engines`` by model id. ``stream_interval``: the least time between
-    two chunks of one stream (its first goes out at once)."""
+    two chunks of one stream (its first goes out at once). ``chat_format``: how the chat
+    endpoint writes a conversation's messages as the text the model reads."""
     limits = limits or Limits()
     created = int(time.time())
+    reply_end = (chat_format.reply_end,) if chat_format.reply_end else ()
 
     def authorise(request: HttpRequest) -> None:
         # bytes: compare_digest refuses non-ASCII text (a 500), and Starlette decodes headers as
@@ -126,55 +89,29 @@ def create_app(
     async def completions(request: HttpRequest) -> Response:
         try:
             authorise(request)
-            body = await _json_body(request)
-            ask = _parse(body, engines, limits)
+            ask: CompletionRequest = parse(CompletionRequest, await _json_body(request), limits)
+            _model(ask.model, engines)
+            config = ask.config(limits)
         except ApiError as exc:
             return exc.response()
-        loop = asyncio.get_running_loop()
-        queue = _Pieces()
-        rows = []
-        for p, prompt in enumerate(ask.prompts):
-            for j in range(ask.n):
-                index = p * ask.n + j
-                seed = None if ask.config.seed is None else ask.config.seed + j
-                config = dataclasses.replace(ask.config, seed=seed)
-                rows.append(Request(prompt, config, Sink(loop, queue, index)))
+        shape = _Completions(ask.prompt, ask.n, ask.echo)
+        return await _answer(request, engines[ask.model], ask, ask.prompt, config, shape, stream_interval)
+
+    async def chat(request: HttpRequest) -> Response:
         try:
-            engines[ask.model].submit(rows)
-        except TooLarge as exc:
-            return ApiError(400, str(exc), param="n").response()
-        except Busy as exc:
-            return ApiError(429, str(exc), "rate_limit_exceeded", code="rate_limit_exceeded").response()
-        ident, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": ident, "object": "text_completion", "created": now, "model": ask.model}
-        if ask.stream:
-            events = _events(queue, rows, ask, head, stream_interval)
-            return StreamingResponse(events, media_type="text/event-stream")
-        collect = asyncio.ensure_future(_collect(queue, len(rows)))
-        gone = asyncio.ensure_future(_gone(request))
-        try:  # a client that goes away frees its rows at the next step, as a stream's does
-            await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            collect.cancel()
-            for row in rows:
-                row.cancelled.set()
-        if not collect.done():  # (cancelled above, but not yet run to its end)
-            return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
-        texts, reasons = collect.result()
-        failed = next((r for r in reasons if r and r.startswith("error")), None)
-        if failed is not None:
-            return _failure(failed).response()
-        echo = [ask.prompts[i // ask.n] if ask.echo else "" for i in range(len(rows))]
-        choices = [
-            {"text": echo[i] + texts[i], "index": i, "logprobs": None, "finish_reason": reasons[i]}
-            for i in range(len(rows))
-        ]
-        return JSONResponse(head | {"choices": choices, "usage": _usage(rows, ask.n)})
+            authorise(request)
+            ask: ChatRequest = parse(ChatRequest, await _json_body(request), limits)
+            _model(ask.model, engines)
+            config = ask.config(limits, stop=reply_end)
+        except ApiError as exc:
+            return exc.response()
+        prompt = chat_format.prompt(ask.turns)
+        return await _answer(request, engines[ask.model], ask, [prompt], config, _Chat(), stream_interval)
 
     return Starlette(
         routes=[
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
@@ -182,6 +119,108 @@ def create_app(
         ],
         exception_handlers={HTTPException: _http, Exception: _internal},
     )
+
+
+class _Completions:
+    """The shape of OpenAI's completions: a choice's ``text``; with ``echo``, its prompt first."""
+
+    kind = chunk_kind = "text_completion"
+    prefix = "cmpl-"
+
+    def __init__(self, prompts: Sequence[str], n: int, echo: bool) -> None:
+        self.prompts, self.n, self.echo = prompts, n, echo
+
+    def choice(self, index: int, text: str, finish: str | None) -> dict[str, Any]:
+        """Choice ``index`` of a whole response."""
+        echoed = self.prompts[index // self.n] if self.echo else ""
+        return self.piece(index, echoed + text, finish)
+
+    def piece(self, index: int, text: str, finish: str | None) -> dict[str, Any]:
+        """Choice ``index``'s part of a stream's chunk."""
+        return {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+
+    def prelude(self, count: int) -> list[dict[str, Any]]:
+        """The choices' parts of the chunks a stream starts with (with ``echo``, the prompts)."""
+        return [self.piece(i, self.prompts[i // self.n], None) for i in range(count)] if self.echo else []
+
+
+class _Chat:
+    """The shape of OpenAI's chat completions: a choice's ``message``, streamed as ``delta``s, the
+    first of each choice with its role."""
+
+    kind, chunk_kind = "chat.completion", "chat.completion.chunk"
+    prefix = "chatcmpl-"
+
+    def __init__(self) -> None:
+        self._started: set[int] = set()  # the choices whose role a stream has sent
+
+    def choice(self, index: int, text: str, finish: str | None) -> dict[str, Any]:
+        message = {"role": "assistant", "content": text, "refusal": None}
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish}
+
+    def piece(self, index: int, text: str, finish: str | None) -> dict[str, Any]:
+        delta: dict[str, Any] = {"content": text} if text else {}
+        if index not in self._started:
+            self._started.add(index)
+            delta = {"role": "assistant", "content": text}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def prelude(self, count: int) -> list[dict[str, Any]]:
+        return []
+
+
+_Shape = _Completions | _Chat
+
+
+async def _answer(
+    request: HttpRequest,
+    engine: Engine,
+    ask: Sampling,
+    prompts: Sequence[str],
+    config: SampleConfig,
+    shape: _Shape,
+    interval: float,
+) -> Response:
+    """Generate ``ask.n`` choices of each prompt (choice j with seed + j) as rows of ``engine``,
+    and answer in ``shape``: one response, or server-sent events with ``ask.stream``."""
+    loop = asyncio.get_running_loop()
+    queue = _Pieces()
+    rows = []
+    for p, prompt in enumerate(prompts):
+        for j in range(ask.n):
+            seed = None if config.seed is None else config.seed + j
+            rows.append(
+                Request(prompt, dataclasses.replace(config, seed=seed), Sink(loop, queue, p * ask.n + j))
+            )
+    try:
+        engine.submit(rows)
+    except TooLarge as exc:
+        return ApiError(400, str(exc), param="n").response()
+    except Busy as exc:
+        return ApiError(429, str(exc), "rate_limit_exceeded", code="rate_limit_exceeded").response()
+    head = {"id": f"{shape.prefix}{uuid.uuid4().hex[:24]}", "object": shape.kind, "created": int(time.time()),
+            "model": ask.model}  # fmt: skip
+    if ask.stream:
+        head["object"] = shape.chunk_kind
+        events = _events(queue, rows, shape, head, interval, ask.n, ask.include_usage)
+        return StreamingResponse(events, media_type="text/event-stream")
+    collect = asyncio.ensure_future(_collect(queue, len(rows)))
+    gone = asyncio.ensure_future(_gone(request))
+    try:  # a client that goes away frees its rows at the next step, as a stream's does
+        await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        collect.cancel()
+        for row in rows:
+            row.cancelled.set()
+    if not collect.done():  # (cancelled above, but not yet run to its end)
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+    texts, reasons = collect.result()
+    failed = next((r for r in reasons if r and r.startswith("error")), None)
+    if failed is not None:
+        return _failure(failed).response()
+    choices = [shape.choice(i, texts[i], reasons[i]) for i in range(len(rows))]
+    return JSONResponse(head | {"choices": choices, "usage": _usage(rows, ask.n)})
 
 
 async def _http(request: HttpRequest, exc: Exception) -> Response:
@@ -269,31 +308,37 @@ async def _collect(queue: asyncio.Queue, count: int) -> tuple[list[str], list[st
 
 
 async def _events(
-    queue: _Pieces, rows: list[Request], ask: _Ask, head: dict[str, Any], interval: float
+    queue: _Pieces,
+    rows: list[Request],
+    shape: _Shape,
+    head: dict[str, Any],
+    interval: float,
+    n: int = 1,
+    include_usage: bool = False,
 ) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI streams them: chunks of text per choice, a last one per choice
-    with its finish reason, then ``[DONE]``. A chunk goes out at most every ``interval`` seconds,
-    with every piece that is waiting by then (one event per choice, not per token), so a busy
-    server spends its time generating rather than writing to sockets; the first chunk, and a
-    choice's last, go out at once (a request is over when its text is). A client that goes away
-    frees its rows at the next step: Starlette cancels this generator when uvicorn reports the
-    disconnect, even while it waits (Starlette listens for it where the server speaks ASGI 2.3,
-    as uvicorn does; under 2.4 it would notice only at the next write, which
-    test_a_stream_sends_what_it_has_at_most_every_interval catches). A failure of the engine is an
-    error event, as OpenAI sends one mid-stream (its client raises it), and ends the stream. With
-    ``stream_options.include_usage`` every chunk has "usage": null and a last one, with no
-    choices, has the usage."""
+    """Server-sent events as OpenAI streams them: chunks of text per choice (in ``shape``), a last
+    one per choice with its finish reason, then ``[DONE]``. A chunk goes out at most every
+    ``interval`` seconds, with every piece that is waiting by then (one event per choice, not per
+    token), so a busy server spends its time generating rather than writing to sockets; the first
+    chunk, and a choice's last, go out at once (a request is over when its text is). A client
+    that goes away frees its rows at the next step: Starlette cancels this generator when uvicorn
+    reports the disconnect, even while it waits (Starlette listens for it where the server speaks
+    ASGI 2.3, as uvicorn does; under 2.4 it would notice only at the next write, which
+    test_a_stream_sends_what_it_has_at_most_every_interval catches). A failure of the engine is
+    an error event, as OpenAI sends one mid-stream (its client raises it), and ends the stream.
+    With ``include_usage`` every chunk has "usage": null and a last one, with no choices, has the
+    usage (a prompt's tokens counted once for its ``n`` choices)."""
     loop = asyncio.get_running_loop()
     done, last = 0, -math.inf
-    usage: dict[str, Any] = {"usage": None} if ask.include_usage else {}
+    usage: dict[str, Any] = {"usage": None} if include_usage else {}
 
     def event(choices: list[dict[str, Any]]) -> str:
         return f"data: {json.dumps(head | {'choices': choices} | usage)}\n\n"
 
     try:
-        if ask.echo:
-            yield "".join(event([{"text": ask.prompts[i // ask.n], "index": i, "logprobs": None,
-                                  "finish_reason": None}]) for i in range(len(rows)))  # fmt: skip
+        prelude = shape.prelude(len(rows))
+        if prelude:
+            yield "".join(event([choice]) for choice in prelude)
         while done < len(rows):
             items = [await queue.get()]
             wait = last + interval - loop.time()
@@ -313,14 +358,10 @@ async def _events(
             if failed is not None:
                 yield f"data: {json.dumps(_failure(failed).body())}\n\n"
                 return
-            events = [
-                event([{"text": "".join(p), "index": i, "logprobs": None, "finish_reason": finished.get(i)}])
-                for i, p in texts.items()
-            ]
             done += len(finished)
-            yield "".join(events)
-        if ask.include_usage:
-            usage = {"usage": _usage(rows, ask.n)}
+            yield "".join(event([shape.piece(i, "".join(p), finished.get(i))]) for i, p in texts.items())
+        if include_usage:
+            usage = {"usage": _usage(rows, n)}
             yield event([])
         yield "data: [DONE]\n\n"
     finally:
@@ -328,13 +369,11 @@ async def _events(
             row.cancelled.set()
 
 
-async def _json_body(request: HttpRequest) -> dict[str, Any]:
+async def _json_body(request: HttpRequest) -> Any:
     try:
         body = json.loads(await request.body(), parse_constant=_not_json)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and NaN (see _not_json)
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
     return body
 
 
@@ -348,107 +387,3 @@ def _model(name: str, engines: Mapping[str, Engine]) -> str:
         raise ApiError(404, f"the model '{name}' does not exist; GET /v1/models lists them", param="model",
                        code="model_not_found")  # fmt: skip
     return name
-
-
-def _unicode(texts: list[str], param: str) -> None:
-    """Strings a tokenizer can take: JSON's \\ud800 escapes give Python lone surrogates, which
-    UTF-8 cannot encode."""
-    for text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ApiError(400, f"'{param}' is not valid Unicode (a lone surrogate)", param=param) from None
-
-
-@dataclass(frozen=True)
-class _Ask:
-    """A completions request, checked."""
-
-    model: str
-    prompts: list[str]
-    config: SampleConfig
-    n: int
-    stream: bool
-    echo: bool
-    include_usage: bool
-
-
-def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise ApiError(400, f"'{name}' must be {names}, got {type(value).__name__}", param=name)
-    return value
-
-
-def _parse(body: dict[str, Any], engines: Mapping[str, Engine], limits: Limits) -> _Ask:
-    """The request's fields, checked: whatever could fail in the engine is refused here, with a 4xx."""
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise ApiError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0])
-    for param, off in UNSUPPORTED.items():
-        if not any(body.get(param) == value and type(body.get(param)) is type(value) for value in off):
-            raise ApiError(400, f"'{param}' is not supported by this server", param=param)
-    name = _field(body, "model", (str,), None)
-    if name is None:
-        raise ApiError(400, "'model' is required", param="model")
-    _model(name, engines)
-    prompt = _field(body, "prompt", (str, list), "")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", param="prompt")
-    if any(len(p) > limits.max_prompt_chars for p in prompts):
-        raise ApiError(400, f"a prompt is longer than {limits.max_prompt_chars} characters", param="prompt")
-    _unicode(prompts, "prompt")
-    max_tokens = _field(body, "max_tokens", (int,), 16)
-    n = _field(body, "n", (int,), 1)
-    stop = _field(body, "stop", (str, list), [])
-    stops = [stop] if isinstance(stop, str) else stop
-    seed = _field(body, "seed", (int,), None)
-    rows = limits.max_n * 4
-    checks = [
-        (1 <= max_tokens <= limits.max_tokens, "max_tokens", f"between 1 and {limits.max_tokens}"),
-        (1 <= n <= limits.max_n, "n", f"between 1 and {limits.max_n}"),
-        (len(prompts) * n <= rows, "n", f"such that prompts x n is at most {rows}, not {len(prompts)} x {n}"),
-        (all(isinstance(s, str) for s in stops) and len(stops) <= 4, "stop", "a string or up to 4 strings"),
-        # a choice j samples with seed + j, into a 64-bit generator seed
-        (seed is None or -(2**63) <= seed <= 2**64 - n, "seed", f"between -2**63 and 2**64 - {n}"),
-    ]
-    for ok, param, what in checks:
-        if not ok:
-            raise ApiError(400, f"'{param}' must be {what}", param=param)
-    _unicode(stops, "stop")
-    temperature = float(_field(body, "temperature", (int, float), 1.0))
-    presence = float(_field(body, "presence_penalty", (int, float), 0.0))
-    frequency = float(_field(body, "frequency_penalty", (int, float), 0.0))
-    for value, param, low, high in ((temperature, "temperature", 0, 2), (presence, "presence_penalty", -2, 2),
-                                    (frequency, "frequency_penalty", -2, 2)):  # fmt: skip
-        if not low <= value <= high:
-            raise ApiError(400, f"'{param}' must be between {low} and {high}", param=param)
-    try:
-        config = SampleConfig(
-            length=max_tokens,
-            temperature=temperature,
-            top_p=float(_field(body, "top_p", (int, float), 1.0)),
-            top_k=_field(body, "top_k", (int,), 0),
-            min_p=float(_field(body, "min_p", (int, float), 0.0)),
-            presence_penalty=presence,
-            frequency_penalty=frequency,
-            repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0)),
-            stop=tuple(stops),
-            seed=seed,
-        )
-    except ConfigError as exc:
-        message = str(exc)
-        for flag in ("top-p", "top-k", "min-p", "repetition-penalty"):
-            message = message.replace(f"--{flag}", flag.replace("-", "_"))
-        raise ApiError(400, message) from None
-    options = _field(body, "stream_options", (dict,), {})
-    include_usage = _field(options, "include_usage", (bool,), False)
-    if set(options) - {"include_usage", "include_obfuscation"}:  # the latter: nothing to obfuscate here
-        what = "'stream_options' takes include_usage and include_obfuscation"
-        raise ApiError(400, what, param="stream_options")
-    return _Ask(name, prompts, config, n, bool(_field(body, "stream", (bool,), False)),
-                bool(_field(body, "echo", (bool,), False)), include_usage)  # fmt: skip

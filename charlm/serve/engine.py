@@ -28,6 +28,7 @@ from charlm.generation.batch import TAIL_CHARS, BatchSampler, RowDecoder, Stream
 from charlm.generation.rows import Rows, fast_stepper
 from charlm.generation.sampling import HISTORY_TOKENS, Context, Picker, make_generator, read
 from charlm.model.network import RNNLM
+from charlm.serve.cache import Entry, StateCache
 
 # (piece of text or None, finish reason or None): a piece, then once ("", "stop" | "length")
 Emit = Callable[[str, str | None], None]
@@ -82,34 +83,56 @@ PREFILL_TOKENS = 64
 # A prompt of up to this many characters is encoded in the engine's thread to count its tokens
 # (tens of microseconds); a longer one is encoded in the prompt thread too.
 ENCODE_CHARS = 4096
+# The cache of states' size by default: thousands of conversations of a default model (a state of
+# a few kilobytes, its scores and its token ids).
+CACHE_BYTES = 64 * 2**20
+
+
+# A prompt's tokens (the start-of-text newline not included) and the kept state that read a
+# prefix of them (the newline included), or None.
+_Found = tuple[list[int], Entry | None]
+
+
+def _kept_tokens(kept: Entry | None) -> int:
+    return kept.tokens if kept is not None else 0
 
 
 class _Row(Stream):
     """A request being generated: a stream of the engine's sampler, and, until the engine's thread
     adds it to the batch, the state it starts from.
 
-    A short prompt is not read here: its tokens (after the start-of-text newline) wait in
-    ``pending`` and go through the batched steps one a step, from a model that has read nothing;
-    its first token is picked from the scores after the last of them. A longer one (or any, where
-    there is no stepper) is read at once by the module.
+    A prompt is looked up in the engine's cache of states first: where a kept state read a prefix
+    of its tokens, the row starts from it and reads only the rest. A short rest is not read here:
+    its tokens wait in ``pending`` and go through the batched steps one a step (from a model that
+    has read nothing, the start-of-text newline first, where nothing was kept); its first token is
+    picked from the scores after the last of them. A longer one (or any, where there is no
+    stepper) is read at once by the module.
+
+    Args:
+        found: the prompt's tokens and the kept state they extend, where the engine has looked.
     """
 
-    def __init__(self, request: Request, engine: Engine, prompt: list[int] | None = None) -> None:
+    def __init__(self, request: Request, engine: Engine, found: _Found | None = None) -> None:
         config = request.config
         tokenizer = engine.tokenizer
-        prompt = tokenizer.encode(request.prompt) if prompt is None else prompt
-        ids = [tokenizer.newline_id, *prompt]  # start of text, as read() does
+        prompt = found[0] if found is not None else tokenizer.encode(request.prompt)
+        self.ids = [tokenizer.newline_id, *prompt]  # start of text, as read() does
         request.prompt_tokens = len(prompt)
-        self.context: Context | None = None  # the state it joins from; None: from nothing
+        kept = found[1] if found is not None else engine.cache.lookup(self.ids)
+        rest = self.ids[_kept_tokens(kept) :]  # a copy: the steps pop what they read
+        self.context: Context | None = None  # the read state it joins from ...
+        self.start: Entry | None = None  # ... or the kept state it reads ``pending`` on from
         pending: list[int] = []
-        if engine.stepper is not None and request.prompt_tokens <= PREFILL_TOKENS:
-            pending = ids
+        if engine.stepper is not None and len(rest) <= PREFILL_TOKENS:
+            pending, self.start = rest, kept
         else:
-            self.context = engine.read(request.prompt, prompt)
-        picker = Picker(config, make_generator(config.seed), tokenizer, 1, ids[-HISTORY_TOKENS:])
+            self.context = engine.read(request.prompt, self.ids, kept)
+        picker = Picker(config, make_generator(config.seed), tokenizer, 1, self.ids[-HISTORY_TOKENS:])
         super().__init__(RowDecoder(tokenizer, config, picker, tail=request.prompt[-TAIL_CHARS:]), pending)
         self.request = request
         self.joined = False
+        self.kept = not pending  # its state after the prompt is in the cache (or it read none)
+        self.generated: list[int] = []  # the tokens it picked, for the cache (kept only if it is on)
 
 
 class Engine:
@@ -117,10 +140,14 @@ class Engine:
 
     Args:
         max_rows: requests generated at once (more are refused with :class:`Busy`).
+        cache_bytes: the size of its cache of states (:class:`StateCache`; 0: none).
     """
 
-    def __init__(self, network: RNNLM, tokenizer: Tokenizer, max_rows: int = 256) -> None:
+    def __init__(
+        self, network: RNNLM, tokenizer: Tokenizer, max_rows: int = 256, cache_bytes: int = CACHE_BYTES
+    ) -> None:
         self.network, self.tokenizer, self.max_rows = network.eval(), tokenizer, max_rows
+        self.cache = StateCache(cache_bytes)
         # the CPU's fast path, where there is one (set to None before start() for the module's)
         self.stepper = fast_stepper(network)
         self._rows: list[_Row] = []
@@ -202,15 +229,23 @@ class Engine:
         if self._prompts is not None:
             self._prompts.shutdown(wait=False, cancel_futures=True)
 
-    def read(self, prompt: str, ids: list[int]) -> Context:
-        """The model's context after ``prompt`` (its tokens ``ids``): read at once by the module,
-        or the last read's again where it is the same text, since a request of n choices, or the
-        same prompt sent again, is n rows of one text (a 100,000-character prompt with n=16 was
-        read 16 times). Rows copy what they take from it: it is never changed."""
+    def read(self, prompt: str, ids: list[int], kept: Entry | None = None) -> Context:
+        """The model's context after ``prompt`` (its tokens ``ids``, the start-of-text newline
+        first): read at once by the module, on from the kept state ``kept`` where there is one
+        (its tokens a prefix of ``ids``), or the last read's again where it is the same text,
+        since a request of n choices, or the same prompt sent again, is n rows of one text (a
+        100,000-character prompt with n=16 was read 16 times). What it reads is kept in the
+        cache. Rows copy what they take from it: it is never changed."""
         last = self._last_read
         if last is not None and last[0] == prompt:
             return last[1]
-        context = read(self.network, self.tokenizer, prompt, ids=ids)
+        if kept is None:
+            context = read(self.network, self.tokenizer, prompt, ids=ids[1:])
+        else:
+            scores = kept.logits if kept.logits is not None else torch.zeros(self.network.config.vocab_size)
+            start = Context(kept.hidden, scores, [], "", kept.tokens - 1)
+            context = read(self.network, self.tokenizer, prompt, start, ids=ids[kept.tokens :])
+        self.cache.put(ids, context.hidden, context.logits)
         self._last_read = (prompt, context)
         return context
 
@@ -244,35 +279,38 @@ class Engine:
                 continue
             for request in arrived:
                 # A short prompt's row is made here (its tokens are read in the steps, or on CUDA
-                # at once); a longer one's in the prompt thread, which reads it at once with the
-                # module while the steps go on.
-                prompt = self._short(request.prompt)
-                if prompt is not None:
-                    self._admit(request, prompt)
+                # at once), and so is a long one's that extends a kept state by a few tokens; a
+                # longer read is the prompt thread's, which reads it at once with the module
+                # while the steps go on.
+                found = self._find(request.prompt)
+                if found is not None and len(found[0]) + 1 - _kept_tokens(found[1]) <= PREFILL_TOKENS:
+                    self._admit(request, found)
                 else:
                     with self._lock:
                         self._reading.append(request)
                     assert self._prompts is not None
-                    self._prompts.submit(self._admit_read, request)
+                    self._prompts.submit(self._admit_read, request, found)
             with self._lock:
                 rows = list(self._rows)
             if rows:
                 self._step(rows)
 
-    def _short(self, text: str) -> list[int] | None:
-        """``text``'s tokens where they are few enough to read in the steps, else None."""
+    def _find(self, text: str) -> _Found | None:
+        """``text``'s tokens and the kept state it extends, where it is short enough to encode in
+        the engine's thread, else None (the prompt thread does it)."""
         if len(text) > ENCODE_CHARS:
             return None
         try:
             ids = self.tokenizer.encode(text)
         except Exception:  # let the prompt thread meet it and say so
             return None
-        return ids if len(ids) <= PREFILL_TOKENS else None
+        return ids, self.cache.lookup([self.tokenizer.newline_id, *ids])
 
-    def _admit(self, request: Request, prompt: list[int] | None = None) -> None:
-        """Make ``request``'s row (from its tokens, where they are known) and add it to the next step."""
+    def _admit(self, request: Request, found: _Found | None = None) -> None:
+        """Make ``request``'s row (from what :meth:`_find` found, where it was called) and add it
+        to the next step."""
         try:
-            row = _Row(request, self, prompt)
+            row = _Row(request, self, found)
         except Exception as exc:  # a request's failure is its own, never the engine's
             request.emit("", f"error: {exc}")
             return
@@ -281,7 +319,7 @@ class Engine:
                 self._rows.append(row)
                 self._lock.notify()
 
-    def _admit_read(self, request: Request) -> None:
+    def _admit_read(self, request: Request, found: _Found | None = None) -> None:
         """:meth:`_admit` in the prompt thread: a request ended meanwhile (shutdown: it has had its
         finish; its client gone) is dropped, before its read where it can be."""
         row: _Row | Exception | None = None
@@ -289,7 +327,7 @@ class Engine:
             ended = request not in self._reading or request.cancelled.is_set()
         if not ended:
             try:
-                row = _Row(request, self)
+                row = _Row(request, self, found)
             except Exception as exc:  # whatever it is, the request must hear of it and leave
                 row = exc
         with self._lock:
@@ -332,17 +370,28 @@ class Engine:
                     self._send(row.request, "", row.decoder.finish)
                     row.left = True
                     continue
-                if row.context is None:
-                    sampler.join([row])  # to read its prompt through the steps
-                else:
+                if row.context is not None:
                     sampler.join([row], row.context.hidden, row.context.logits)
-                row.joined, row.context = True, None
+                elif row.start is not None:  # to read the rest of its prompt through the steps
+                    sampler.join([row], row.start.hidden, row.start.logits)
+                else:  # to read its prompt through the steps
+                    sampler.join([row])
+                row.joined, row.context, row.start = True, None, None
+        caching = self.cache.max_bytes > 0
+        if caching:
+            self._keep_prompts(rows)
         for row, text in sampler.pick():
             request = row.request
             request.completion_tokens = row.decoder.tokens
             if text:
                 self._send(request, text, None)
+            if caching:
+                row.generated.append(row.token)
             if row.decoder.finish is not None:
+                if caching:  # its state before its last token, kept before the client hears of
+                    # the end: the next turn, which may come at once, reads on from it
+                    hidden, _ = sampler.state(row)
+                    self.cache.put(row.ids + row.generated[:-1], hidden, None)
                 self._send(request, "", row.decoder.finish)
                 row.left = True
         self._flush()
@@ -354,6 +403,16 @@ class Engine:
         else:  # every row has left: the batch empties, with no step
             sampler.advance(going)
         self.steps += 1
+
+    def _keep_prompts(self, rows: list[_Row]) -> None:
+        """Keep the state of each row that has just read the last of its prompt in the steps:
+        before it picks, while its scores are the model's own (picking masks them)."""
+        assert self._sampler is not None
+        for row in rows:
+            if not row.kept and row.joined and not row.pending and not row.left:
+                hidden, scores = self._sampler.state(row)
+                self.cache.put(row.ids, hidden, torch.from_numpy(scores))
+                row.kept = True
 
     def _advance(self, going: list[_Row]) -> None:
         """One batched recurrent step of the rows that go on (the others leave the batch)."""

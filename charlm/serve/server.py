@@ -4,6 +4,7 @@ Ctrl-C, which end every stream properly (its last chunk and ``[DONE]``) and exit
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -15,8 +16,9 @@ import uvicorn
 
 from charlm.api import load
 from charlm.errors import ConfigError, ServeError
+from charlm.generation.chat import DEFAULT_FORMAT, ChatFormat
 from charlm.serve.app import Limits, create_app
-from charlm.serve.engine import Engine
+from charlm.serve.engine import CACHE_BYTES, Engine
 
 
 class _Server(uvicorn.Server):
@@ -53,8 +55,15 @@ def serve(
     max_streams: int = 256,
     limits: Limits | None = None,
     on_status: Callable[[str], None] = lambda message: None,
+    chat_format: ChatFormat | None = None,
+    cache_bytes: int = CACHE_BYTES,
 ) -> None:
     """Serve ``runs`` until stopped.
+
+    Args:
+        chat_format: how the chat endpoint writes a conversation as text (see
+            :func:`read_chat_format`); default, ``charlm chat``'s transcript.
+        cache_bytes: the size of each model's cache of recent prompts' states (0: none).
 
     Raises:
         ConfigError: bad limits or port. CheckpointError: a run cannot be loaded. ServeError: the
@@ -62,6 +71,8 @@ def serve(
     """
     if max_streams < 1:
         raise ConfigError("--max-streams must be at least 1")
+    if cache_bytes < 0:
+        raise ConfigError("{state_cache} must not be negative (0: no cache)", fields=("state_cache",))
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
     limits = limits or Limits()
@@ -70,7 +81,7 @@ def serve(
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     models = [load(run, checkpoint, device) for run in runs] if runs else [load(None, checkpoint, device)]
     engines = {
-        name: Engine(model.network, model.run.tokenizer, max_streams)
+        name: Engine(model.network, model.run.tokenizer, max_streams, cache_bytes)
         for name, model in zip(model_ids([m.path for m in models]), models, strict=True)
     }
     listening = _listen(host, port)  # before a word is said
@@ -81,7 +92,7 @@ def serve(
             "it can use it (set --api-key or CHARLM_API_KEY)"
         )
     try:
-        app = create_app(engines, api_key or None, limits)
+        app = create_app(engines, api_key or None, limits, chat_format=chat_format or DEFAULT_FORMAT)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
         server = _Server(config, lambda: [engine.drain() for engine in engines.values()])
         for engine in engines.values():
@@ -94,6 +105,37 @@ def serve(
             engine.stop()
         for sock in listening:
             sock.close()
+
+
+def read_chat_format(path: Path) -> ChatFormat:
+    """A chat format from a JSON file: an object whose ``system``, ``user`` and ``assistant``
+    (each optional: the default's where missing) are templates holding ``{content}`` once, for
+    example ``{"user": "Q: {content}\\n", "assistant": "A: {content}\\n\\n"}``.
+
+    Raises:
+        ConfigError: the file cannot be read, or is not such an object.
+    """
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"{{chat_format}} {path}: {why}", fields=("chat_format",))
+
+    try:
+        given = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise refuse(exc.strerror or str(exc)) from None
+    except ValueError as exc:
+        raise refuse(f"not JSON ({exc})") from None
+    roles = ("system", "user", "assistant")
+    if (
+        not isinstance(given, dict)
+        or set(given) - set(roles)
+        or not all(isinstance(v, str) for v in given.values())
+    ):
+        raise refuse('must be a JSON object of strings with the keys "system", "user" and "assistant"')
+    try:
+        return ChatFormat(**given)
+    except ConfigError as exc:
+        raise refuse(exc.worded(lambda role: f'"{role}"')) from None
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:
