@@ -208,7 +208,9 @@ def novelty_report(
     loaded = rundir.load_run(Path(run) if run is not None else rundir.latest_run())
     sources = [Path(p) for p in corpus] if corpus else [Path(p) for p in loaded.config.corpus]
     if not sources:
-        raise CorpusError(f"{loaded.path} does not record its corpus; give it with --corpus")
+        raise CorpusError(
+            f"{loaded.path} does not record its corpus; give it with {{corpus}}", fields=("corpus",)
+        )
     sample = text() if callable(text) else text
     paths = expand_inputs(sources)
     result = novelty(sample, lambda: text_chunks(paths, encoding))  # streamed: bounded memory

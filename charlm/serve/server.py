@@ -70,15 +70,17 @@ def serve(
         address cannot be listened on (taken, or not this machine's).
     """
     if max_streams < 1:
-        raise ConfigError("--max-streams must be at least 1")
+        raise ConfigError("{max_streams} must be at least 1", fields=("max_streams",))
     if cache_bytes < 0:
         raise ConfigError("{state_cache} must not be negative (0: no cache)", fields=("state_cache",))
     if not 0 <= port <= 65535:
-        raise ConfigError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
+        raise ConfigError(
+            f"{{port}} must be between 0 and 65535 (0: any free port), got {port}", fields=("port",)
+        )
     limits = limits or Limits()
-    for value, flag in ((limits.max_tokens, "--max-tokens"), (limits.max_prompt_chars, "--max-prompt")):
+    for value, field in ((limits.max_tokens, "max_tokens"), (limits.max_prompt_chars, "max_prompt_chars")):
         if value < 1:
-            raise ConfigError(f"{flag} must be at least 1, got {value}")
+            raise ConfigError(f"{{{field}}} must be at least 1, got {value}", fields=(field,))
     models = [load(run, checkpoint, device) for run in runs] if runs else [load(None, checkpoint, device)]
     engines = {
         name: Engine(model.network, model.run.tokenizer, max_streams, cache_bytes)
