@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= checkpoints/demo
 
-.PHONY: install test demo lint docs figures bench clean
+.PHONY: install test demo lint docs figures bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,14 @@ docs: install
 # The docs' pictures (docs/images/*.png) from real runs on data/pydoc.txt: a few minutes.
 figures: install data/pydoc.txt
 	$(BIN)/python docs/figures.py
+
+# The GPU path on a machine with CUDA (install a CUDA build of torch: `make install TORCH=torch`):
+# the tests marked cuda (skipped elsewhere, as in CI), then the speed benchmark on the GPU, which
+# prints its table and one JSON object. Fails at once where there is no GPU to check.
+gpu-check: install
+	@$(BIN)/python -c "import torch, sys; torch.cuda.is_available() or sys.exit('make gpu-check: no CUDA GPU here (torch ' + torch.__version__ + ')'); print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda, '| cuDNN', torch.backends.cudnn.version())"
+	$(BIN)/python -m pytest -m cuda -q -rs tests/test_cuda.py
+	$(BIN)/python benchmarks/speed.py --device cuda --seconds 3
 
 lint: install
 	$(BIN)/ruff check charlm tests benchmarks

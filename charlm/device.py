@@ -53,8 +53,9 @@ def resolve_precision(
 
     ``auto`` picks bf16 where the hardware runs it natively (a CUDA GPU with bf16 support, a CPU
     with AVX-512 bf16 or AMX), fp32 elsewhere, and fp32 for plain SGD everywhere: SGD at lr 20
-    hardly learned in bf16 on python-stdlib (5.35 bpc after 10 minutes, against 0.82 in fp32; see
-    the README), while Adam in bf16 scores as it does in fp32, step for step.
+    hardly learned in bf16 on python-stdlib, while Adam in bf16 scores as it does in fp32, step
+    for step (the figures: docs/defaults.md, "The classic cells", and docs/benchmarks/speed.md,
+    "Training in bf16").
 
     Raises:
         DeviceError: bf16 asked for on a CUDA GPU without bf16 support.

@@ -1,15 +1,17 @@
 """Make the documentation's pictures from real runs (``make figures``; a few minutes on 2 cores).
 
-    .venv/bin/python docs/figures.py [--corpus data/pydoc.txt] [--out docs/images] [--keep DIR]
+    .venv/bin/python docs/figures.py [--corpus data/pydoc.txt] [--out docs/images] [--keep DIR [--replot]]
 
 Every picture comes from the project's own commands on ``data/pydoc.txt`` (CPython's documentation,
 which ``make demo`` also trains on), so a change that alters what a picture shows is one run of
-this script away from the picture that shows it:
+this script away from the picture that shows it (``--keep DIR --replot`` draws them again from
+kept runs, without training, after a change to the drawing alone):
 
 - ``training.png``: 400 steps of the default model (about a minute), validated every 25 steps,
   drawn by ``charlm plot``;
-- ``gradients.png``: 200 steps of four cells at the same size, each measured with ``charlm
-  diagnose RUN --json`` and drawn together by the function behind ``charlm diagnose --plot``;
+- ``gradients.png``: 200 steps of each cell (rnn, gru, lstm, mingru, minlstm) at one size, each
+  measured with ``charlm diagnose RUN --json`` and drawn together by the function behind
+  ``charlm diagnose --plot``;
 - ``serve-page.png``: ``charlm serve`` on the first run, its page at ``/`` in headless Chromium
   (Playwright), after typing a prompt and clicking Generate.
 
@@ -38,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # on one machine, as a run with a seed does).
 MAIN_STEPS = 400  # the run whose curves are drawn: 16 validations, about a minute on 2 cores
 CELL_STEPS = 200  # each run of the gradient picture
-CELLS = ("rnn", "gru", "lstm", "mingru")
+CELLS = ("rnn", "gru", "lstm", "mingru", "minlstm")
 CELL_SHAPE = ("--layers", "2", "--hidden", "128")  # one size for every cell, so only the cell differs
 MAX_BYTES = 200_000
 
@@ -52,7 +54,11 @@ def charlm(*args: str | Path, capture: bool = False, cwd: Path | None = None) ->
     return done.stdout or ""
 
 
-def train(corpus: Path, out: Path, steps: int, *options: str) -> Path:
+def train(corpus: Path, out: Path, steps: int, *options: str, replot: bool = False) -> Path:
+    """A run of ``steps`` steps into ``out``; with ``replot``, the run already there (``--replot``)."""
+    if replot and (out / "run.json").is_file():
+        print(f"reusing {out}", flush=True)
+        return out
     charlm("train", corpus, "--out", out, "--max-steps", str(steps), "--seed", "1", *options)
     return out
 
@@ -62,13 +68,14 @@ def training_curves(run: Path, path: Path) -> None:
     charlm("plot", run.name, "--out", path.resolve(), cwd=run.parent)
 
 
-def gradients(corpus: Path, work: Path, path: Path) -> None:
+def gradients(corpus: Path, work: Path, path: Path, replot: bool = False) -> None:
     """Gradient against distance for each cell after the same short training, on one chart."""
     from charlm.diagnostics.plots import plot_gradients
 
     curves: dict[str, list[float]] = {}
     for cell in CELLS:
-        run = train(corpus, work / cell, CELL_STEPS, "--cell", cell, *CELL_SHAPE, "--eval-every", "100")
+        run = train(corpus, work / cell, CELL_STEPS, "--cell", cell, *CELL_SHAPE, "--eval-every", "100",
+                    replot=replot)  # fmt: skip
         report = json.loads(charlm("diagnose", run, "--json", "--depth", "200", "--seed", "1", capture=True))
         memory = report["effective_memory"]
         reach = f"effective memory {memory}" if memory is not None else "effective memory > 200"
@@ -146,17 +153,22 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=ROOT / "data" / "pydoc.txt")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images", help="where the PNGs go")
     parser.add_argument("--keep", type=Path, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument(
+        "--replot", action="store_true", help="with --keep: draw again from the runs there, without training"
+    )
     args = parser.parse_args()
+    if args.replot and args.keep is None:
+        parser.error("--replot needs --keep DIR (the runs to draw from)")
     if not args.corpus.exists():  # make demo's corpus: CPython's docs, no download
         subprocess.run([sys.executable, "-m", "charlm.data.prepare", str(args.corpus)], check=True)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="charlm-figures-") as scratch:
         work = args.keep or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        run = train(args.corpus, work / "pydoc", MAIN_STEPS, "--eval-every", "25")
+        run = train(args.corpus, work / "pydoc", MAIN_STEPS, "--eval-every", "25", replot=args.replot)
         pictures = {
             "training.png": lambda p: training_curves(run, p),
-            "gradients.png": lambda p: gradients(args.corpus, work, p),
+            "gradients.png": lambda p: gradients(args.corpus, work, p, args.replot),
             "serve-page.png": lambda p: serve_page(run, p),
         }
         for name, make in pictures.items():

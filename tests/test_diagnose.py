@@ -134,6 +134,18 @@ def test_plot_draws_the_training_curves(run: Path, tmp_path: Path) -> None:
     assert all(0 <= r["clipped_fraction"] <= 1 for r in records)
 
 
+def test_the_plots_draw_awkward_inputs(tmp_path: Path) -> None:
+    """One validation, records from before the clipped fraction was written, a gradient that is
+    zero at k = 0 or falls below the chart's floor, and one measured at k = 0 only: each draws."""
+    from charlm.diagnostics.plots import plot_gradients, plot_training
+
+    record = {"step": 10, "train_loss": 2.0, "val_loss": 1.9, "val_bpc": 2.7, "grad_norm": 0.5, "lr": 3e-3}
+    for records in ([record], [record, {**record, "step": 20, "grad_norm": 50.0, "clipped_fraction": 0.5}]):
+        assert plot_training(records, tmp_path / "t.png", "run").read_bytes()[:4] == b"\x89PNG"
+    curves = {"zero": [0.0, 0.0], "falls": [1.0, 1e-20, 1e-40], "one": [2.0]}
+    assert plot_gradients(curves, tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_plot_without_matplotlib_says_how_to_get_it(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A module set to None in sys.modules is one Python cannot import, and the one that
     charlm.extras.require's look-up sees (patching __import__ would hide it from the import only)."""

@@ -96,7 +96,8 @@ class Tokenizer:
         yield from self._encode_batch(pieces)
 
     def _encode_batch(self, pieces: list[str]) -> Iterator[np.ndarray]:
-        # A batch call costs 0.1 ms before any work (its thread pool): a short prompt alone, directly.
+        # A batch call starts a thread pool before any work, which costs more than encoding a short
+        # prompt: one piece alone goes directly.
         if len(pieces) == 1:
             yield np.array(self._sp.encode(pieces[0]), dtype=np.int32)
         elif pieces:
@@ -129,7 +130,7 @@ class Tokenizer:
     def decode_escaped(self, ids: list[int]) -> str:
         """SentencePiece's decoding without undoing the escape (for :class:`StreamDecoder`). One id's
         text is kept once decoded: a stream decodes one id a time, and a call into SentencePiece
-        costs 8 us, a server's whole step for a hundred streams."""
+        for each would cost a server as much as its whole batched step of many streams."""
         if len(ids) == 1:
             text = self._texts.get(ids[0])
             if text is None:

@@ -2,21 +2,21 @@
 prepacked matrix products and NumPy gate math.
 
 Calling ``nn.LSTM`` once per generated token pays its whole set-up (weight checks, workspace,
-the fused-kernel launch, autograd bookkeeping) for a single time step: on a 2-core CPU about
-300 steps/s for a 2x512 LSTM, while the arithmetic takes a tenth of a millisecond. So
-:class:`Stepper` keeps the weights in the layout one step needs and does only that arithmetic:
+the fused-kernel launch, autograd bookkeeping) for a single time step, many times the arithmetic
+of that step (the docs' Speed page, docs/benchmarks/speed.md, has the figures: sampling one stream
+against ``nn.LSTM`` called per token). So :class:`Stepper` keeps the weights in the layout one
+step needs and does only that arithmetic:
 
 - the first layer's input projection is a lookup: ``embedding @ W_ih0.T + b_ih0`` is precomputed
   as a (V, gates) table, so a token costs one row read instead of a matrix product;
 - above the first layer, the input and recurrent products of an LSTM or RNN are one product of
   [x, h] with [W_ih | W_hh];
 - the products go through oneDNN with the weights reordered once into its blocked layout
-  (:class:`Linear`). A plain product repacks the weights on every call: for a 2x512 LSTM on this
-  project's 2-core AMD machine NumPy's (OpenBLAS) takes 1.0 ms for two rows of the 1024x2048
-  product, ten times its one-row cost, and 1.8 ms for 32 rows; prepacked, oneDNN takes 0.08 ms
-  for two rows and 0.7 ms for 32 (a row alone still goes through NumPy, faster there). A row's
-  result is bit for bit the same whatever other rows share its prepacked product, and within
-  float rounding of its result alone;
+  (:class:`Linear`). A plain product repacks the weights on every call, so NumPy's (OpenBLAS)
+  product of two rows costs several times that of one, while the prepacked one grows far more
+  slowly with the rows (a row alone still goes through NumPy, faster there; the timings are in
+  docs/benchmarks/speed.md, "Evaluation and sampling"). A row's result is bit for bit the same
+  whatever other rows share its prepacked product, and within float rounding of its result alone;
 - the gate math follows PyTorch's own definitions of LSTM, GRU and tanh RNN, so the
   probabilities equal ``nn.LSTM``'s to float rounding (a test holds them to 1e-5).
 
@@ -38,7 +38,8 @@ from charlm.model.network import RNNLM, Hidden
 Array = np.ndarray
 
 # The batch size oneDNN lays the packed weights out for. Any number of rows may be multiplied;
-# packed for 32, one row costs what NumPy's matrix-vector product does and 32 rows 0.7 ms (2x512).
+# packed for 32, 32 rows cost a small multiple of one row, and less than NumPy's product of them
+# (docs/benchmarks/speed.md, "Evaluation and sampling").
 _PACKED_FOR = 32
 
 
@@ -82,7 +83,8 @@ class Linear:
 
     def __call__(self, x: Array) -> Array:
         """(B, out) float32, a new array, for ``x`` (B, in) float32. One row goes through NumPy's
-        matrix-vector product, which is faster alone (0.13 against 0.2 ms a 2x512 step)."""
+        matrix-vector product, the faster of the two for a single row (docs/benchmarks/speed.md,
+        "Evaluation and sampling", says which products each number of streams takes)."""
         if self._packed is None or x.shape[0] == 1:
             return self._numpy(x)
         packed, bias = self._packed
@@ -176,7 +178,7 @@ class _ScanBlock:
         sig_g *= h  # SiLU(g) * h
         x = x + self.out(sig_g)
         m = self.up(_rms_norm(x))  # (B, 4D): GELU, tanh form; its 1/2 is in down's weights
-        inner = m * m  # (no m**3: NumPy's float power is ten times slower)
+        inner = m * m  # (no m**3: NumPy's float power is far slower than two products)
         inner *= 0.044715 * _GELU_SCALE
         inner += _GELU_SCALE  # Python floats: the arrays stay float32
         inner *= m
