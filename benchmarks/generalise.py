@@ -302,8 +302,12 @@ def gpt_nats(model: GPT, ids: torch.Tensor, start_id: int, batch: int = 64, stri
 
 
 def run_gpt(
-    paths: dict[str, Path], budget: float, seed: int = 1337, max_steps: int | None = None,
-    device: str = "cpu", holdout: bool = False,
+    paths: dict[str, Path],
+    budget: float,
+    seed: int = 1337,
+    max_steps: int | None = None,
+    device: str = "cpu",
+    holdout: bool = False,
 ) -> dict:
     """nanoGPT's README CPU recipe for ``budget`` seconds (validations included): batch 12 of
     block 64, AdamW (lr 1e-3, betas 0.9 / 0.99, weight decay 0.1 on matrices, clip 1), 100 warmup

@@ -375,7 +375,19 @@ def test_no_progress_bar_and_no_blank_line_in_a_log() -> None:
         progress.on_progress("encoding corpus", 5, 10)
         progress.on_progress("encoding corpus", 10, 10)
         progress.on_status("done")
-        report = StepReport(step=20, epoch=1, epochs=10, tokens=640, loss=2.0, bpc=2.9, lr=3e-3,
-                            grad_norm=0.5, clipped=0.0, tokens_per_sec=1e4, elapsed=1.0, fraction=0.8)
+        report = StepReport(
+            step=20,
+            epoch=1,
+            epochs=10,
+            tokens=640,
+            loss=2.0,
+            bpc=2.9,
+            lr=3e-3,
+            grad_norm=0.5,
+            clipped=0.0,
+            tokens_per_sec=1e4,
+            elapsed=1.0,
+            fraction=0.8,
+        )
         progress.on_step(report)
     assert console.file.getvalue() == "encoding\ndone\n"

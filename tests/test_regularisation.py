@@ -27,8 +27,15 @@ def test_layer_by_layer_training_path_equals_the_fused_module_without_dropout(
         pytest.skip("a scan cell's layers are residual blocks already (--residual is refused)")
     torch.manual_seed(0)
     model = RNNLM(
-        ModelConfig(vocab_size=11, hidden=12, embed=12 if cell.scan else 8, layers=3, cell=cell, dropout=0.0,
-                    residual=residual)
+        ModelConfig(
+            vocab_size=11,
+            hidden=12,
+            embed=12 if cell.scan else 8,
+            layers=3,
+            cell=cell,
+            dropout=0.0,
+            residual=residual,
+        )
     )
     x = torch.randint(0, 11, (9, 4))
     model.train()
