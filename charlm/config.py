@@ -14,12 +14,17 @@ import re
 from collections.abc import Callable, Collection
 from dataclasses import field
 from enum import Enum
-from typing import Annotated, Any, TypeVar, get_args, get_type_hints
-
-import annotated_types
-from annotated_types import Ge, Gt, Le, Lt
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args, get_type_hints
 
 from charlm.errors import ConfigError
+
+if TYPE_CHECKING:  # at run time the bounds are built with the checks, on first use (_hints)
+    from annotated_types import Ge, Gt, Le, Lt
+
+    Positive = NotNegative = int
+    PositiveFloat = Fraction = float
+    PositiveOrNone = int | None
+    PositiveFloatOrNone = float | None
 
 T = TypeVar("T")
 
@@ -109,13 +114,17 @@ def config(cls: type[T]) -> type[T]:
 @functools.cache
 def _validator(cls: type) -> Callable[[Any], dict[str, Any]]:
     """The fields of a ``cls`` instance, checked and coerced by a pydantic model of them."""
-    from pydantic import ConfigDict, ValidationError, create_model
+    from pydantic import ConfigDict, InstanceOf, ValidationError, create_model
 
-    hints = get_type_hints(cls, include_extras=True)
+    hints = get_type_hints(cls, localns=_bound_names(), include_extras=True)
+    # a config within a config (RunConfig's sections) checked itself when it was made
+    types = {
+        name: InstanceOf[hint] if dataclasses.is_dataclass(hint) else hint for name, hint in hints.items()
+    }
     model = create_model(  # type: ignore[call-overload]
         f"{cls.__name__}Fields",
         __config__=ConfigDict(allow_inf_nan=False, extra="forbid"),
-        **{f.name: (hints[f.name], ...) for f in dataclasses.fields(cls)},
+        **{f.name: (types[f.name], ...) for f in dataclasses.fields(cls)},
     )
 
     names = [f.name for f in dataclasses.fields(cls)]
@@ -159,6 +168,8 @@ def _enum(hint: Any) -> Any:
 
 def _bounds(hint: Any) -> str:
     """A field's declared range in words: ``must be positive``, ``must be in (0, 1]``."""
+    import annotated_types
+
     low = high = None
     for bound in getattr(hint, "__metadata__", ()):
         if isinstance(bound, (annotated_types.Gt, annotated_types.Ge)):
@@ -178,13 +189,23 @@ def _bounds(hint: Any) -> str:
     return "is out of range"
 
 
-Positive = Annotated[int, Gt(0)]
-PositiveFloat = Annotated[float, Gt(0)]
-NotNegative = Annotated[int, Ge(0)]
-Fraction = Annotated[float, Ge(0), Lt(1)]  # [0, 1)
-# None: a default chosen elsewhere (the cell's shape, the optimizer's lr) or no limit
-PositiveOrNone = Annotated[int | None, Gt(0)]
-PositiveFloatOrNone = Annotated[float | None, Gt(0)]
+@functools.cache
+def _bound_names() -> dict[str, Any]:
+    """The bounds the fields' annotations name (annotated_types' ``Gt(0)``..., and the aliases
+    below), made when a config is first checked: the annotations are strings until then, so
+    importing this module (``charlm --help``) does not import annotated_types."""
+    from annotated_types import Ge, Gt, Le, Lt
+
+    return {
+        "Ge": Ge, "Gt": Gt, "Le": Le, "Lt": Lt,
+        "Positive": Annotated[int, Gt(0)],
+        "PositiveFloat": Annotated[float, Gt(0)],
+        "NotNegative": Annotated[int, Ge(0)],
+        "Fraction": Annotated[float, Ge(0), Lt(1)],  # [0, 1)
+        # None: a default chosen elsewhere (the cell's shape, the optimizer's lr) or no limit
+        "PositiveOrNone": Annotated[int | None, Gt(0)],
+        "PositiveFloatOrNone": Annotated[float | None, Gt(0)],
+    }  # fmt: skip
 
 
 @config
