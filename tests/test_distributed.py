@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,14 +24,19 @@ OPTIONS = [
 ]  # fmt: skip
 
 
-def train(processes: int, *args: object, options: list[str] = OPTIONS) -> subprocess.CompletedProcess[str]:
-    """``charlm train`` in one process, or under torchrun in ``processes`` processes."""
+def train(
+    processes: int, *args: object, options: list[str] = OPTIONS, torchrun: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``charlm train`` in one process, or in ``processes`` processes under torchrun (or, not
+    ``torchrun``, launched by ``charlm train --nproc-per-node``)."""
     launcher = [sys.executable, "-m", "charlm"]
-    if processes > 1:
+    if processes > 1 and torchrun:
         launcher = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
             "-m", "charlm",
         ]  # fmt: skip
+    elif processes > 1:
+        args = (*args, "--nproc-per-node", processes)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [*launcher, "train", *map(str, args), *options]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
@@ -70,16 +77,28 @@ def test_two_processes_train_as_one_with_the_same_global_batch(
     assert state["ranks"] == 2
 
 
-@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_one_command_launches_the_processes_as_torchrun_does(
+    single: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``charlm train --nproc-per-node 2``: the run torchrun makes, and nothing of the launcher's
+    own on the terminal (no thread-count banner)."""
+    corpus, reference = single
+    result = train(2, corpus, "--out", tmp_path / "dist", "--max-steps", "12", torchrun=False)
+    assert "x 2 processes" in result.stderr and "*****" not in result.stderr, result.stderr
+    assert result.stderr.count("max_steps: 12 steps") == 1
+    assert_same_run(tmp_path / "dist", reference)
+
+
+@pytest.mark.parametrize("before,after,torchrun", [(2, 1, False), (1, 2, True), (2, 2, False)])
 def test_resume_with_another_number_of_processes(
-    single: tuple[Path, Path], tmp_path: Path, before: int, after: int
+    single: tuple[Path, Path], tmp_path: Path, before: int, after: int, torchrun: bool
 ) -> None:
     """Weights, optimizer, position and the carried hidden state of every stream are preserved
-    (dropout's random streams are not, and this run has no dropout)."""
+    (dropout's random streams are not, and this run has no dropout), whichever launched them."""
     corpus, reference = single
     run = tmp_path / "run"
-    train(before, corpus, "--out", run, "--max-steps", "6")
-    train(after, "--resume", "--out", run, "--max-steps", "12", options=[])
+    train(before, corpus, "--out", run, "--max-steps", "6", torchrun=torchrun)
+    train(after, "--resume", "--out", run, "--max-steps", "12", options=[], torchrun=not torchrun)
     assert_same_run(run, reference)
 
 
@@ -158,6 +177,67 @@ except CharlmError as exc:
 print(f"{ranks.rank}|after|{distributed.settle(lambda: ranks.rank, ranks)}", flush=True)
 distributed.stop()
 """
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["--resume", "--out", "RUN", "--hidden", "64"], 2, "error: --hidden is 32 in this run; 64 given"),
+        (["CORPUS", "--out", "NEW", "--batch-size", "9"], 2, "error: --batch-size 9 must divide evenly"),
+        (["CORPUS", "--cell", "lsmt"], 2, "Usage: "),
+        (["CORPUS", "--nnodes", "2"], 2, "error: --nnodes above 1 needs --master-addr"),
+        (["CORPUS", "--nproc-per-node", "0"], 2, "error: --nproc-per-node must be at least 1, got 0"),
+    ],
+)
+def test_an_error_with_nproc_per_node_is_one_line_and_the_rank_s_exit_code(
+    single: tuple[Path, Path], tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    """Every failure of ``charlm train --nproc-per-node 2`` ends the command as one process's:
+    one ``error:`` line (or the usage message), the exit code, no traceback from any process."""
+    corpus, run = single
+    paths = {"NEW": str(tmp_path / "new"), "RUN": str(run), "CORPUS": str(corpus)}
+    before = (run / "run.json").read_bytes()
+    command = [sys.executable, "-m", "charlm", "train", *[paths.get(a, a) for a in args], "--device", "cpu"]
+    if "--nproc-per-node" not in args:
+        command += ["--nproc-per-node", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == code, result.stderr
+    said = result.stderr.strip()
+    assert said.startswith(message) and "Traceback" not in said + result.stdout, said
+    if message.startswith("error:"):
+        assert said.splitlines() == [said], said
+    assert (run / "run.json").read_bytes() == before and not (tmp_path / "new").exists()
+
+
+def test_a_rank_killed_under_nproc_per_node_is_one_line(corpus_text: str, tmp_path: Path) -> None:
+    """A rank that dies without a word (SIGKILL): the others leave silently, the launcher says
+    which rank and how."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(corpus_text * 20)
+    command = [sys.executable, "-m", "charlm", "train", corpus, "--out", tmp_path / "run", "--max-time", "90",
+               "--nproc-per-node", "2", *OPTIONS]  # fmt: skip
+    process = subprocess.Popen(list(map(str, command)), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "latest").is_dir():  # training, past its first checkpoint
+            assert time.monotonic() < deadline and process.poll() is None, "training did not start"
+            time.sleep(0.1)
+        os.kill(worker(process.pid, rank=1), signal.SIGKILL)
+        _, said = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 1, said
+    assert said.strip().splitlines()[-1] == "error: rank 1 was killed by SIGKILL", said
+    assert "Traceback" not in said and said.count("error:") == 1, said
+
+
+def worker(launcher: int, rank: int) -> int:
+    """The process id of the launcher's worker of ``rank`` (its children's environments)."""
+    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no worker of rank {rank}")
 
 
 def test_a_usage_error_under_torchrun_is_said_once(single: tuple[Path, Path], tmp_path: Path) -> None:

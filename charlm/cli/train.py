@@ -2,7 +2,8 @@
 (the options typed, by name: the library's defaults are the CLI's), draw its progress on stderr,
 and end with the run's summary and an exit code (130 when interrupted, 143 when terminated).
 
-Under torchrun every rank runs this; errors every rank shares are said once, by rank 0.
+Under torchrun every rank runs this; errors every rank shares are said once, by rank 0. With
+``--nproc-per-node`` it launches those ranks itself (:mod:`charlm.training.elastic`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from charlm.config import (
     Softmax,
     TokenizerKind,
 )
+
+_SEVERAL = "Several processes"
+_LAUNCH = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port")
 
 
 def _per_optimizer(defaults: dict[OptimizerKind, float]) -> str:
@@ -210,11 +214,53 @@ def train(
         ),
     ] = TRAIN.precision,
     encoding: Encoding = "utf-8",
+    nproc_per_node: Annotated[
+        int | None,
+        typer.Option(
+            help="Train in this many processes on this machine (one per GPU, or CPU processes), "
+            "launched as torchrun launches them; --batch-size is the global batch.",
+            show_default=False,
+            rich_help_panel=_SEVERAL,
+        ),
+    ] = None,
+    nnodes: Annotated[
+        int, typer.Option(help="Machines taking part, each running this command.", rich_help_panel=_SEVERAL)
+    ] = 1,
+    node_rank: Annotated[
+        int,
+        typer.Option(
+            help="This machine's place among them (0: the one at --master-addr).", rich_help_panel=_SEVERAL
+        ),
+    ] = 0,
+    master_addr: Annotated[
+        str | None,
+        typer.Option(
+            help="Address of machine 0, where the processes meet.",
+            show_default=False,
+            rich_help_panel=_SEVERAL,
+        ),
+    ] = None,
+    master_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port on machine 0 where the processes meet (default: 29500, or any free "
+            "port on one machine).",
+            show_default=False,
+            rich_help_panel=_SEVERAL,
+        ),
+    ] = None,
 ) -> None:
     """Train a language model on CORPUS; writes a run directory under checkpoints/.
 
-    Under torchrun it trains in several processes; --batch-size is then the global batch.
+    With --nproc-per-node (or under torchrun) it trains in several processes; --batch-size is then
+    the global batch.
     """
+    launcher = {name: ctx.params[name] for name in _LAUNCH}
+    if any(_given_here(ctx, name) for name in _LAUNCH):
+        code = guard(ctx, lambda: _launch(ctx, **launcher))
+        if code:
+            raise typer.Exit(code)
+        return
 
     ranks = None
 
@@ -225,7 +271,7 @@ def train(
         from charlm.training.launch import train_run
 
         ranks = from_env()
-        own = {"corpus", "out", "resume", "init_from", "checkpoint", "encoding"}
+        own = {"corpus", "out", "resume", "init_from", "checkpoint", "encoding", *_LAUNCH}
         with TrainProgress(stderr) as progress:
             result = train_run(
                 corpus or (), out=out, resume=resume, init_from=init_from, checkpoint=checkpoint,
@@ -248,11 +294,53 @@ def train(
         raise typer.Exit(code)
 
 
+def _launch(ctx: typer.Context, nproc_per_node: int | None, **where: Any) -> int:
+    """This command, without its launch options, in several processes (see
+    :func:`charlm.training.elastic.launch`)."""
+    import os
+
+    from charlm.errors import ConfigError
+    from charlm.training.elastic import launch
+
+    if "RANK" in os.environ:
+        raise ConfigError("{nproc_per_node} launches the processes itself: not under torchrun",
+                          fields=("nproc_per_node",))  # fmt: skip
+    if nproc_per_node is None:
+        raise ConfigError("{nnodes}, {node_rank}, {master_addr} and {master_port} go with {nproc_per_node}",
+                          fields=(*_LAUNCH[1:], "nproc_per_node"))  # fmt: skip
+    return launch(_argv(ctx, exclude=set(_LAUNCH)), nproc_per_node, **{
+        "nodes": where["nnodes"], "node_rank": where["node_rank"], "master_addr": where["master_addr"],
+        "master_port": where["master_port"],
+    })  # fmt: skip
+
+
+def _given_here(ctx: typer.Context, name: str) -> bool:
+    return getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+
+
+def _argv(ctx: typer.Context, exclude: set[str]) -> list[str]:
+    """The options and arguments typed on this command line, ``exclude`` left out, as a command
+    line again: what each launched process parses."""
+    import enum
+
+    args: list[str] = []
+    for param in ctx.command.params:
+        name = param.name
+        if name is None or name in exclude or not _given_here(ctx, name):
+            continue
+        value = ctx.params[name]
+        if param.param_type_name == "argument":
+            args += [str(v) for v in value]
+        elif getattr(param, "is_flag", False):
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            args += [param.opts[0], str(value.value if isinstance(value, enum.Enum) else value)]
+    return args
+
+
 def _given(ctx: typer.Context, exclude: set[str]) -> dict[str, Any]:
     """The options typed on this command line, by name: the library's defaults are the CLI's, and
     a resumed run compares only what was given with its own values."""
     return {
-        name: value
-        for name, value in ctx.params.items()
-        if name not in exclude and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+        name: value for name, value in ctx.params.items() if name not in exclude and _given_here(ctx, name)
     }

@@ -37,6 +37,8 @@ from charlm.errors import CharlmError, ConfigError, TrainingError
 # Ranks other than 0 wait while rank 0 encodes the corpus (minutes for gigabytes).
 TIMEOUT = timedelta(hours=2)
 T = TypeVar("T")
+# Set in the environment of the ranks that charlm's own launcher started (charlm.training.elastic).
+LAUNCHED = "CHARLM_LAUNCHED"
 # How gloo says that the other end of a connection has gone (a plain RuntimeError).
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
@@ -223,7 +225,13 @@ def peers_lost(ranks: Ranks) -> Iterator[None]:
         gone = isinstance(exc, dist.DistError) or any(words in str(exc) for words in _PEER_GONE)
         if not (ranks.distributed and gone):
             raise
-        raise TrainingError(
+        raise PeersLost(
             "lost contact with the other training processes: one of them ended (its own message "
             "says why) or the network failed"
         ) from exc
+
+
+class PeersLost(TrainingError):
+    """A collective failed because another rank has gone. Under ``charlm train --nproc-per-node``
+    (:data:`LAUNCHED` set) the rank leaves without a word: the launcher says which rank ended and
+    how, so the command has one error line, not one per surviving rank."""

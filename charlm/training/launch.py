@@ -154,6 +154,9 @@ def _rank_errors(ranks: Ranks, on_error: Callable[[CharlmError], None] | None) -
     except CharlmError as exc:
         if not ranks.distributed:
             raise
+        if isinstance(exc, distributed.PeersLost) and os.environ.get(distributed.LAUNCHED):
+            exc.settled = True  # the launcher says which rank ended (see PeersLost)
+            raise
         if not exc.settled:
             raise distributed.on_rank(exc, ranks.rank) from exc
         if ranks.main and on_error is not None:
