@@ -339,6 +339,10 @@ class TrainConfig:
 DEFAULT_EPOCHS = 10
 DEFAULT_LR = {OptimizerKind.sgd: 20.0, OptimizerKind.adam: 3e-3}
 DEFAULT_CLIP = {OptimizerKind.sgd: 0.25, OptimizerKind.adam: 1.0}
+# A fine-tuned run (--init-from) without --lr takes this fraction of the optimizer's default: at
+# the full rate, two minutes on 100 KB undid more of what its parent knew than they taught it (the
+# measurement: docs/guide/train.md, "Fine-tune from a run").
+FINE_TUNE_LR = 0.1
 
 # Dynamic evaluation (``charlm eval --dynamic``): tokens per update, learning rate and the pull back
 # to the trained weights. The lr was chosen on a run's own held-out tail (benchmarks/dynamic.py;

@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 import charlm
+from charlm.config import DEFAULT_LR, FINE_TUNE_LR, OptimizerKind
 from charlm.errors import ConfigError
 from tests.conftest import invoke
 
@@ -53,6 +54,8 @@ def test_a_fine_tuned_run_records_its_parent_and_keeps_its_tokenizer_and_model(
     assert meta["config"]["tokenizer"] == parent["config"]["tokenizer"]
     assert meta["config"]["corpus"] == [str(small)]
     assert (tuned / "tokenizer.model").read_bytes() == (trained_run / "tokenizer.model").read_bytes()
+    # without --lr, a tenth of the optimizer's default, recorded
+    assert meta["config"]["train"]["lr"] == pytest.approx(FINE_TUNE_LR * DEFAULT_LR[OptimizerKind.adam])
     assert json.loads((tuned / "latest" / "state.json").read_text())["step"] == 10
 
 

@@ -30,6 +30,7 @@ from charlm.config import (
     CELL_DEFAULTS,
     DEFAULT_CLIP,
     DEFAULT_LR,
+    FINE_TUNE_LR,
     Cell,
     CheckpointTag,
     OptimizerKind,
@@ -149,7 +150,11 @@ def train(
     ] = TRAIN.optimizer,
     lr: Annotated[
         float | None,
-        typer.Option(help=f"Learning rate (default: {_per_optimizer(DEFAULT_LR)}).", show_default=False),
+        typer.Option(
+            help=f"Learning rate (default: {_per_optimizer(DEFAULT_LR)}; with --init-from, "
+            f"{FINE_TUNE_LR:g} of that).",
+            show_default=False,
+        ),
     ] = None,
     clip: Annotated[
         float | None,

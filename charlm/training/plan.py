@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from charlm.config import (
+    FINE_TUNE_LR,
     CheckpointTag,
     ModelConfig,
     RunConfig,
@@ -264,6 +265,8 @@ def fine_tune_config(parent: RunConfig, changes: Mapping[str, Any]) -> RunConfig
             fields=tuple(_option(n)[1:-1] for n in shaping),
         )
     train = new_config(changes, only="train").train
+    if train.lr is None:  # recorded, so that its resume and its readers see the rate it used
+        train = dataclasses.replace(train, lr=FINE_TUNE_LR * train.effective_lr)
     return RunConfig(tokenizer=parent.tokenizer, model=parent.model, train=train)
 
 
