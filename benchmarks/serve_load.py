@@ -11,7 +11,10 @@ request under way is finished: bounded in requests and time), so streams join an
 all along. The levels are run ``--rounds`` times, interleaved, and each figure is the median over
 the rounds: the aggregate tokens/s (all tokens over the wall time), the p50/p99 time to first
 token and inter-token latency (gaps between a stream's chunks), and the server's resident memory
-per stream (its peak RSS at that level over its peak with one stream, per extra stream). Then the
+per stream (its peak RSS at that level over its peak with one stream, per extra stream). Beside
+each level, in every round, the server idle: ``Model.samples`` drawing that many streams in one
+batch in this process, the fair limit of a server (the same model, the same streams, no server),
+and the server's tokens/s over it ("x samples"). Then the
 same levels without HTTP: the server's :class:`~charlm.serve.engine.Engine` in this process, that
 many streams of ``--tokens`` at once for ``--seconds``, so the table shows what the batched step
 itself allows (the server's tokens/s can only come near it, not above) and what the HTTP layer
@@ -168,6 +171,16 @@ def engine_alone(run: Path, prompt: str, clients: int, tokens: int, seconds: flo
         engine.stop()
 
 
+def sampler_alone(model: charlm.Model, prompt: str, clients: int, tokens: int) -> float:
+    """Tokens/s of ``Model.samples``: ``clients`` samples of ``tokens`` drawn in one batch, in this
+    process, with the prompt and temperature of the HTTP levels. The same model drawing the same
+    streams with no server: the fair limit of the server's tokens/s at that level."""
+    start = time.perf_counter()
+    made = sum(s.tokens for s in model.samples(clients, prime=prompt, length=tokens, temperature=1.0,
+                                                seed=clients, batch=clients))  # fmt: skip
+    return made / (time.perf_counter() - start)
+
+
 def step_alone(run: Path, rows: int, calls: int = 300) -> float:
     """Tokens/s of the model's batched recurrent step alone for ``rows`` streams: the engine's
     :class:`~charlm.model.stepper.Stepper`, no sampling, no Python per row, no HTTP; the median of
@@ -231,10 +244,15 @@ def main() -> None:
             asyncio.run(level(url, run.name, args.prompt, 2, 20, 0.5, server.pid))  # warm-up
             idle = rss_mb(server.pid)
             rounds: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
-            for _ in range(args.rounds):
+            sampler = charlm.load(run, device="cpu")
+            sampler_alone(sampler, args.prompt, 2, 20)  # warm-up
+            for _ in range(args.rounds):  # the sampler's figure beside each level's, the server idle
                 for c in levels:
                     figures = level(url, run.name, args.prompt, c, args.tokens, args.seconds, server.pid)
                     rounds[c].append(asyncio.run(figures))
+                    alone = sampler_alone(sampler, args.prompt, c, args.tokens)
+                    rounds[c][-1]["sampler_tokens_per_s"] = round(alone, 1)
+                    rounds[c][-1]["vs_sampler"] = round(rounds[c][-1]["tokens_per_s"] / alone, 3)
             results = [median_of(rounds[c]) for c in levels]
         finally:
             server.terminate()
@@ -254,14 +272,15 @@ def main() -> None:
         extra = r["clients"] - results[0]["clients"]
         grown = r["rss_peak_mb"] - results[0]["rss_peak_mb"]
         r["rss_per_stream_kb"] = round(1024 * grown / extra, 1) if extra else 0
-    print(f"2x{args.hidden} LSTM, {args.tokens} tokens per request, medians of {args.rounds} rounds of "
+    print(f"{run.name}: {args.cell}, {args.tokens} tokens per request, medians of {args.rounds} rounds of "
           f"{args.seconds:g} s, server idle RSS {idle:.0f} MB")  # fmt: skip
     columns = ("clients", "tokens/s", "x one", "TTFT p50 ms", "p99", "ITL p50 ms", "p99", "KB/stream",
-               "no HTTP", "x one", "step alone", "x one")  # fmt: skip
+               "samples()", "x samples", "no HTTP", "x one", "step alone", "x one")  # fmt: skip
     print("  ".join(f"{c:>11}" for c in columns))
     for r in results:
         row = (r["clients"], f"{r['tokens_per_s']:,.0f}", f"{r['vs_one_stream']:.2f}", r["ttft_p50_ms"],
                r["ttft_p99_ms"], r["itl_p50_ms"], r["itl_p99_ms"], r["rss_per_stream_kb"],
+               f"{r['sampler_tokens_per_s']:,.0f}", f"{r['vs_sampler']:.2f}",
                f"{r['engine_tokens_per_s']:,.0f}", f"{r['engine_vs_one_stream']:.2f}",
                f"{r['step_tokens_per_s']:,.0f}", f"{r['step_vs_one_stream']:.2f}")  # fmt: skip
         print("  ".join(f"{v!s:>11}" for v in row))
