@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 
 import torch
+from generalise import split_corpus  # the protocol's 90/5/5 split (this script's folder)
 
 from charlm import __version__ as charlm_version
 
-SPLIT = (0.90, 0.95)
 SKIP = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
@@ -71,16 +71,6 @@ def corpora(parent_chars: int, small_chars: int) -> tuple[str, str]:
     if len(small_text) < small_chars // 2:
         raise SystemExit("this Python's standard library is too small for these sizes")
     return "".join(large), small_text[:small_chars]
-
-
-def split(text: str, directory: Path) -> dict[str, Path]:
-    """train.txt, valid.txt and test.txt: the first 90%, the next 5%, the last 5%."""
-    cuts = [0, int(len(text) * SPLIT[0]), int(len(text) * SPLIT[1]), len(text)]
-    paths = {}
-    for name, start, end in zip(("train", "valid", "test"), cuts, cuts[1:], strict=False):
-        paths[name] = directory / f"{name}.txt"
-        paths[name].write_text(text[start:end], encoding="utf-8")
-    return paths
 
 
 def charlm(*args: object, quiet: bool = True) -> str:
@@ -134,7 +124,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         large, small = corpora(int(args.parent_mb * 1_000_000), int(args.small_kb * 1_000))
         (work / "large.txt").write_text(large, encoding="utf-8")
-        paths = split(small, work)
+        paths = split_corpus(small, work)
         print(f"large corpus {len(large):,} chars, small corpus {len(small):,} chars", file=sys.stderr)
 
         runs: dict[str, dict] = {}
