@@ -80,6 +80,10 @@ class Request:
 # longer one is read at once by the module, in a thread of its own beside the steps (a
 # 100,000-character prompt read between steps stopped every stream for seconds).
 PREFILL_TOKENS = 64
+# A step of up to this many rows runs on one thread of arithmetic in the engine's thread: there,
+# unlike in the main thread, oneDNN's products on two OpenMP threads ran small batches at half the
+# speed of one (docs/benchmarks/serve-load.md).
+ONE_THREAD_ROWS = 48
 # A prompt of up to this many characters is encoded in the engine's thread to count its tokens
 # (tens of microseconds); a longer one is encoded in the prompt thread too.
 ENCODE_CHARS = 4096
@@ -150,6 +154,7 @@ class Engine:
         self.cache = StateCache(cache_bytes)
         # the CPU's fast path, where there is one (set to None before start() for the module's)
         self.stepper = fast_stepper(network)
+        self._threads = torch.get_num_threads()  # the process's, for large batches
         self._rows: list[_Row] = []
         self._arrived: list[Request] = []
         self._reading: list[Request] = []  # long prompts being read in the prompt thread
@@ -415,6 +420,10 @@ class Engine:
                 row.kept = True
 
     def _advance(self, going: list[_Row]) -> None:
-        """One batched recurrent step of the rows that go on (the others leave the batch)."""
+        """One batched recurrent step of the rows that go on (the others leave the batch), on one
+        thread of arithmetic for a small batch (see :data:`ONE_THREAD_ROWS`)."""
         assert self._sampler is not None
+        threads = 1 if len(going) <= ONE_THREAD_ROWS and self.stepper is not None else self._threads
+        if threads != torch.get_num_threads():  # this thread's own setting
+            torch.set_num_threads(threads)
         self._sampler.advance(going)
