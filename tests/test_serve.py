@@ -630,11 +630,13 @@ def start(trained_run: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_end_streams_properly_and_exit_0(trained_run: Path, sig: signal.Signals) -> None:
-    process, port = start(trained_run)
+    # a stream far longer than the test: the tiny model wrote 4,000 tokens before a busy event
+    # loop had sent its first chunk, and the stream was over before the signal
+    process, port = start(trained_run, "--max-tokens", "1000000")
     events: list[str] = []
 
     def read() -> None:
-        body = {"model": trained_run.name, "prompt": "a", "max_tokens": 4000, "stream": True}
+        body = {"model": trained_run.name, "prompt": "a", "max_tokens": 1_000_000, "stream": True}
         try:
             with httpx.stream(
                 "POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60
