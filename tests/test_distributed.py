@@ -231,6 +231,30 @@ def test_a_rank_killed_under_nproc_per_node_is_one_line(corpus_text: str, tmp_pa
     assert "Traceback" not in said and said.count("error:") == 1, said
 
 
+def test_ctrl_c_under_nproc_per_node_saves_and_exits_130(corpus_text: str, tmp_path: Path) -> None:
+    """Ctrl-C at a terminal reaches the launcher and its ranks (one process group): the run stops
+    and saves as one process does, exit 130, and the launcher says nothing of its own."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(corpus_text * 20)
+    command = [sys.executable, "-m", "charlm", "train", corpus, "--out", tmp_path / "run", "--max-time", "90",
+               "--nproc-per-node", "2", *OPTIONS]  # fmt: skip
+    process = subprocess.Popen(
+        list(map(str, command)), stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "latest").is_dir():
+            assert time.monotonic() < deadline and process.poll() is None, "training did not start"
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)
+        _, said = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, said
+    assert said.strip().splitlines()[-1].startswith("interrupted: "), said
+    assert "Traceback" not in said and "death signal" not in said and "error" not in said, said
+
+
 def worker(launcher: int, rank: int) -> int:
     """The process id of the launcher's worker of ``rank`` (its children's environments)."""
     for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():

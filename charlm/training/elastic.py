@@ -113,8 +113,11 @@ def _signal_name(number: int) -> str:
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """The launcher's loggers silenced while it runs (see :data:`_LOGGERS`)."""
-    loggers = [logging.getLogger(name) for name in _LOGGERS]
+    """The launcher's loggers silenced while it runs (see :data:`_LOGGERS`): each of its modules'
+    own, which set their own levels, as well as their parents."""
+    known = logging.Logger.manager.loggerDict
+    names = {*_LOGGERS, *(name for name in known if name.startswith(_LOGGERS))}
+    loggers = [logging.getLogger(name) for name in sorted(names)]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL + 1)
