@@ -50,8 +50,9 @@ def launch(
         said why itself (130 after Ctrl-C, 143 when terminated).
 
     Raises:
-        ConfigError: a count, rank or port out of range. TrainingError: a rank was killed by a
-        signal (it could say nothing), or the ranks could not meet.
+        ConfigError: a count, rank or port out of range.
+        TrainingError: a rank was killed by a signal (it could say nothing), or the ranks could
+            not meet.
     """
     for value, field, least in ((processes, "nproc_per_node", 1), (nodes, "nnodes", 1)):
         if value < least:
