@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args, get_type_hi
 
 from charlm.errors import ConfigError
 
-if TYPE_CHECKING:  # at run time the bounds are built with the checks, on first use (_hints)
+if TYPE_CHECKING:  # at run time the bounds are built with the checks, on first use (_bound_names)
     from annotated_types import Ge, Gt, Le, Lt
 
     Positive = NotNegative = int

@@ -260,9 +260,8 @@ def train(
     With --nproc-per-node (or under torchrun) it trains in several processes; --batch-size is then
     the global batch.
     """
-    launcher = {name: ctx.params[name] for name in _LAUNCH}
     if any(_given_here(ctx, name) for name in _LAUNCH):
-        code = guard(ctx, lambda: _launch(ctx, **launcher))
+        code = guard(ctx, lambda: _launch(ctx, nproc_per_node, nnodes, node_rank, master_addr, master_port))
         if code:
             raise typer.Exit(code)
         return
@@ -299,7 +298,14 @@ def train(
         raise typer.Exit(code)
 
 
-def _launch(ctx: typer.Context, nproc_per_node: int | None, **where: Any) -> int:
+def _launch(
+    ctx: typer.Context,
+    nproc_per_node: int | None,
+    nnodes: int,
+    node_rank: int,
+    master_addr: str | None,
+    master_port: int | None,
+) -> int:
     """This command, without its launch options, in several processes (see
     :func:`charlm.training.elastic.launch`)."""
     import os
@@ -313,10 +319,9 @@ def _launch(ctx: typer.Context, nproc_per_node: int | None, **where: Any) -> int
     if nproc_per_node is None:
         raise ConfigError("{nnodes}, {node_rank}, {master_addr} and {master_port} go with {nproc_per_node}",
                           fields=(*_LAUNCH[1:], "nproc_per_node"))  # fmt: skip
-    return launch(_argv(ctx, exclude=set(_LAUNCH)), nproc_per_node, **{
-        "nodes": where["nnodes"], "node_rank": where["node_rank"], "master_addr": where["master_addr"],
-        "master_port": where["master_port"],
-    })  # fmt: skip
+    return launch(
+        _argv(ctx, exclude=set(_LAUNCH)), nproc_per_node, nnodes, node_rank, master_addr, master_port
+    )
 
 
 def _given_here(ctx: typer.Context, name: str) -> bool:

@@ -54,9 +54,9 @@ def launch(
         TrainingError: a rank was killed by a signal (it could say nothing), or the ranks could
             not meet.
     """
-    for value, field, least in ((processes, "nproc_per_node", 1), (nodes, "nnodes", 1)):
-        if value < least:
-            raise ConfigError(f"{{{field}}} must be at least {least}, got {value}", fields=(field,))
+    for value, field in ((processes, "nproc_per_node"), (nodes, "nnodes")):
+        if value < 1:
+            raise ConfigError(f"{{{field}}} must be at least 1, got {value}", fields=(field,))
     if not 0 <= node_rank < nodes:
         raise ConfigError(
             f"{{node_rank}} must be between 0 and {{nnodes}} - 1 ({nodes - 1}), got {node_rank}",
