@@ -97,7 +97,9 @@ def main() -> None:
 
         os.environ["CHARLM_CACHE_DIR"] = env["CHARLM_CACHE_DIR"]
         train = TrainConfig()
-        prepared = prepare_corpus([corpus], TokenizerConfig(), args.val_fraction, 2 * train.batch_size)
+        prepared = prepare_corpus(
+            [corpus], TokenizerConfig(), args.val_fraction, train.val_pieces, 2 * train.batch_size
+        )
         streams = batchify(prepared.train_ids, train.batch_size)  # (B, L), memory-mapped
         model = RNNLM(ModelConfig(vocab_size=prepared.tokenizer.vocab_size))
         optimizer = build_optimizer(model, train)

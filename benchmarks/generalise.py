@@ -18,8 +18,8 @@ the reference 2.090 / 2.303 in 10 minutes. ``lstm`` follows PyTorch's
 word_language_model example (``main.py``): a 2x512 LSTM on
 characters, plain SGD at lr 20 divided by 4 when its held-out loss stops improving, gradient norm
 clipped to 0.25, dropout 0.2, batch 20, BPTT 35, uniform(-0.1, 0.1) initialisation, fp32, the best
-model by held-out loss kept. It validates at every epoch end on the tail of the training file (the
-same 5% tail charlm holds out; it never sees the validation or test slices while training) and at
+model by held-out loss kept. It validates at every epoch end on the text of the training file that
+charlm holds out (the same split; it never sees the validation or test slices while training) and at
 the end of the budget. It uses charlm's character tokenizer for its ids, so both models predict
 the same tokens, and it is scored with the same stream layout as ``charlm eval``.
 
@@ -151,13 +151,15 @@ def reference_nats(model: Reference, ids: torch.Tensor, start_id: int) -> float:
 
 def run_reference(paths: dict[str, Path], budget: float, seed: int = 1111) -> dict:
     """The word_language_model recipe for ``budget`` seconds of training (validations included)."""
-    from charlm.config import TokenizerConfig
+    from charlm.config import TokenizerConfig, TrainConfig
     from charlm.data.prepare import split_text
     from charlm.data.tokenizer import train_tokenizer
 
     torch.manual_seed(seed)
     text = paths["train"].read_text(encoding="utf-8")
-    fit_text, heldout = split_text(text, 0.05)  # the tail charlm holds out too
+    fit_text, heldout = split_text(
+        text, TrainConfig.val_fraction, TrainConfig.val_pieces
+    )  # what charlm holds out
     tok = train_tokenizer(fit_text, TokenizerConfig())
 
     def ids(t: str) -> torch.Tensor:
@@ -315,17 +317,20 @@ def run_gpt(
     follows the elapsed time). As nanoGPT does, it trains on the whole training file; its figure
     is the last checkpoint's (nanoGPT keeps the best on its validation split, the last 10% of the
     text: the slices scored here; that checkpoint is reported beside it). ``holdout``: train on
-    the training file less the tail charlm holds out, and keep the best on that tail, as charlm
-    does (on tinyshakespeare that tail is the play the validation slice goes on with: 10 minutes
-    without it scored 2.46 / 2.49 against 2.11 / 2.30 with it). ``max_steps``: a fixed step count
-    instead of the time (the schedule then follows the steps; for runs on a faster machine)."""
-    from charlm.config import TokenizerConfig
+    the training file less what charlm holds out, and keep the best on that, as charlm does (held
+    out as the file's 5% tail, which on tinyshakespeare is the play the validation slice goes on
+    with, 10 minutes without it scored 2.46 / 2.49 against 2.11 / 2.30 with it). ``max_steps``: a
+    fixed step count instead of the time (the schedule then follows the steps; for runs on a faster
+    machine)."""
+    from charlm.config import TokenizerConfig, TrainConfig
     from charlm.data.prepare import split_text
     from charlm.data.tokenizer import train_tokenizer
 
     torch.manual_seed(seed)
     text = paths["train"].read_text(encoding="utf-8")
-    fit_text, heldout = split_text(text, 0.05) if holdout else (text, "")
+    fit_text, heldout = (
+        split_text(text, TrainConfig.val_fraction, TrainConfig.val_pieces) if holdout else (text, "")
+    )
     tok = train_tokenizer(fit_text, TokenizerConfig())
 
     def ids(t: str) -> torch.Tensor:
@@ -423,7 +428,7 @@ def main() -> None:
     parser.add_argument("--charlm-args", default="", help="extra `charlm train` options (an ablation)")
     parser.add_argument("--gpt-steps", type=int, help="gpt: this many steps instead of the budget")
     parser.add_argument("--gpt-device", default="cpu", help="gpt: the torch device (cpu, cuda)")
-    parser.add_argument("--gpt-holdout", action="store_true", help="gpt: hold out charlm's tail (run_gpt)")
+    parser.add_argument("--gpt-holdout", action="store_true", help="gpt: hold out what charlm does (run_gpt)")
     parser.add_argument("--no-dynamic", action="store_true", help="skip dynamic evaluation (minutes)")
     parser.add_argument("--json-out", type=Path, help="also write the JSON here")
     parser.add_argument("--keep", type=Path, help="keep each charlm run as KEEP/CORPUS-NAME")

@@ -302,6 +302,8 @@ class TrainConfig:
     max_steps: PositiveOrNone = None
     max_time: PositiveFloatOrNone = None  # seconds
     val_fraction: Annotated[float, Gt(0), Lt(1)] = 0.05
+    # held out in this many pieces spread over the corpus (1: its tail), see held_out_ranges
+    val_pieces: Positive = 20
     eval_every: Positive = 500
     save_steps: PositiveOrNone = None  # save ``latest`` every this many steps ...
     save_seconds: PositiveFloatOrNone = 300.0  # ... or seconds (and at every validation)
@@ -381,7 +383,7 @@ class RunConfig:
 
 # Runs saved before these fields existed trained without them; their configs still mean that.
 _BEFORE_REGULARISATION = {"weight_drop": 0.0}  # model
-_BEFORE_REGULARISATION_TRAIN = {"weight_decay": 0.0}  # train
+_BEFORE_REGULARISATION_TRAIN = {"weight_decay": 0.0, "val_pieces": 1}  # train: they held out the tail
 
 
 def _plain(value: Any) -> Any:

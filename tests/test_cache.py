@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from charlm.config import TokenizerConfig, TokenizerKind
 from charlm.data import cache
-from charlm.data.corpus import read_range, scan, split_point, text_chunks
+from charlm.data.corpus import chunks_outside, held_out_ranges, read_ranges, scan, text_chunks
 from charlm.data.prepare import prepare_corpus, split_text
 from charlm.data.tokenizer import train_tokenizer
 from charlm.errors import CorpusError
@@ -22,10 +22,15 @@ from charlm.errors import CorpusError
 TEXT = st.text(alphabet=st.sampled_from("ab \n\té€😀\u2581\ue000"), max_size=400)
 
 
-@given(parts=st.lists(TEXT, min_size=1, max_size=4), chunk=st.integers(1, 9), fraction=st.floats(0.01, 0.6))
-@settings(max_examples=60, deadline=None)
+@given(
+    parts=st.lists(TEXT, min_size=1, max_size=4),
+    chunk=st.integers(1, 9),
+    fraction=st.floats(0.01, 0.6),
+    pieces=st.integers(1, 6),
+)
+@settings(max_examples=80, deadline=None)
 def test_streamed_reading_and_split_match_the_text_in_memory(
-    tmp_path_factory: pytest.TempPathFactory, parts: list[str], chunk: int, fraction: float
+    tmp_path_factory: pytest.TempPathFactory, parts: list[str], chunk: int, fraction: float, pieces: int
 ) -> None:
     folder = tmp_path_factory.mktemp("files")
     paths = []
@@ -40,8 +45,27 @@ def test_streamed_reading_and_split_match_the_text_in_memory(
         return
     info = scan(paths)
     assert info.characters == len(joined)
-    cut = split_point(info.characters, fraction, lambda a, b: read_range(paths, "utf-8", a, b))
-    assert joined[:cut] == split_text(joined, fraction)[0]
+    ranges = held_out_ranges(  # pieces of a character at least, so small texts are cut in several
+        len(joined), fraction, pieces, lambda rs: [joined[a:b] for a, b in rs], min_piece=1
+    )
+    streamed = held_out_ranges(
+        info.characters, fraction, pieces, lambda rs: read_ranges(paths, "utf-8", rs, chunk), min_piece=1
+    )
+    assert streamed == ranges
+    edges = [edge for piece in ranges for edge in piece]
+    assert edges == sorted(edges) and all(a < b for a, b in ranges) and ranges[-1][1] == len(joined)
+    assert read_ranges(paths, "utf-8", ranges, chunk) == [joined[a:b] for a, b in ranges]
+    train = "".join(chunks_outside(paths, "utf-8", ranges, chunk))
+    bounds = [0, *edges, len(joined)]
+    assert train == "".join(joined[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2))
+    assert (train, "".join(joined[a:b] for a, b in ranges)) == split_text(joined, fraction, len(ranges)) or (
+        len(ranges) > 1  # split_text keeps the 2,000-character floor, which a small text is under
+    )
+    if pieces == 1:  # the tail runs written before pieces existed held out
+        assert len(ranges) == 1 and split_text(joined, fraction) == (
+            joined[: ranges[0][0]],
+            joined[ranges[0][0] :],
+        )
 
 
 def test_reading_errors_name_the_byte_offset_across_chunks(tmp_path: Path) -> None:
@@ -76,6 +100,7 @@ def _prepare(corpus: Path, kind: TokenizerKind = TokenizerKind.char, statuses: l
         [corpus],
         TokenizerConfig(kind=kind, vocab_size=400),
         0.1,
+        1,
         16,
         status=(statuses if statuses is not None else []).append,
     )

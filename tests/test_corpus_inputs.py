@@ -57,7 +57,7 @@ def test_a_directory_reads_its_text_files_in_sorted_order(tree: Path) -> None:
     assert scan(expand_inputs([tree])).sha256 == scan(listed).sha256
     assert read_corpus([tree]) == read_corpus(listed)
     config = TokenizerConfig()
-    from_dir, from_list = (prepare_corpus(inputs, config, 0.1, 16) for inputs in ([tree], listed))
+    from_dir, from_list = (prepare_corpus(inputs, config, 0.1, 1, 16) for inputs in ([tree], listed))
     assert from_dir.sha256 == from_list.sha256
     assert torch.equal(from_dir.train_ids, from_list.train_ids)
     assert torch.equal(from_dir.val_ids, from_list.val_ids)

@@ -57,6 +57,21 @@ def test_split_keeps_a_contiguous_tail_at_a_line_start() -> None:
     assert val.startswith("line ") and abs(len(val) / len(text) - 0.1) < 0.01
 
 
+def test_split_spreads_its_pieces_over_the_text_at_line_starts() -> None:
+    text = "".join(f"line {i}\n" for i in range(20_000))  # 208,890 characters: 20 pieces of 2,000+
+    train, val = split_text(text, 0.2, 20)
+    assert len(train) + len(val) == len(text) and abs(len(val) / len(text) - 0.2) < 0.01
+    lines = text.splitlines(keepends=True)
+    held = set(val.splitlines(keepends=True))
+    assert all(line in set(lines) for line in held) and val.startswith("line ")
+    # 20 runs of held-out lines, one in each twentieth of the text, each ending its twentieth
+    runs = [i for i in range(len(lines)) if lines[i] in held and (i == 0 or lines[i - 1] not in held)]
+    assert len(runs) == 20
+    offsets = [len("".join(lines[:run])) for run in runs]
+    assert [offset * 20 // len(text) for offset in offsets] == list(range(20))
+    assert lines[-1] in held  # the last piece is the tail of the last twentieth
+
+
 def test_read_corpus_joins_files_with_a_newline(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("one")
     (tmp_path / "b.txt").write_text("two\n")

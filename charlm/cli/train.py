@@ -189,8 +189,11 @@ def train(
         str | None, typer.Option(help="Stop after this long: seconds or 90s, 10m, 1h.", show_default=False)
     ] = None,
     val_fraction: Annotated[
-        float, typer.Option(help="Held-out tail of the corpus for validation.")
+        float, typer.Option(help="Fraction of the corpus held out for validation.")
     ] = TRAIN.val_fraction,
+    val_pieces: Annotated[
+        int, typer.Option(help="Hold it out in this many pieces spread over the corpus (1: its tail).")
+    ] = TRAIN.val_pieces,
     eval_every: Annotated[
         int, typer.Option(help="Validate (and checkpoint) every this many steps.")
     ] = TRAIN.eval_every,

@@ -237,33 +237,90 @@ def scan(paths: Sequence[Path], encoding: str = "utf-8", progress: Progress = no
     return CorpusInfo(characters, first_text, digest.hexdigest())
 
 
-def split_point(characters: int, val_fraction: float, text_before: Callable[[int, int], str]) -> int:
-    """Where the validation tail starts: ``val_fraction`` from the end, moved back to the start
-    of a line where one is within reach, so no word is split.
+# The held-out text is spread over the corpus in up to ``val_pieces`` pieces, none shorter than
+# this (a small corpus holds out fewer, longer pieces; one piece is the contiguous tail).
+MIN_PIECE_CHARS = 2000
+# How far back a cut may move to reach the start of a line.
+LINE_REACH = 1000
 
-    ``text_before(start, end)`` returns the text between two positions (at most 1000 characters).
+
+def held_out_ranges(
+    characters: int,
+    val_fraction: float,
+    pieces: int,
+    read: Callable[[Sequence[tuple[int, int]]], list[str]],
+    min_piece: int = MIN_PIECE_CHARS,
+) -> list[tuple[int, int]]:
+    """The (start, end) character ranges held out for validation, in order.
+
+    The corpus is cut into ``pieces`` equal parts (fewer where a piece would hold under
+    ``min_piece`` characters) and the last ``val_fraction`` of each part is held out, so the text
+    nearest almost any point of the corpus is trained on (the end of a book, whose next chapter a
+    user goes on to write, but its last piece), and validation still measures every part of it.
+    One piece is the contiguous tail, which runs written before pieces existed hold out. Every
+    cut moves back to the start of a line where one is within reach, so no word is split; each
+    piece keeps at least half its length.
+
+    ``read(ranges)`` returns the text of each (start, end) range, in one pass over the corpus.
     """
-    cut = int(characters * (1 - val_fraction))
-    reach = min(1000, (characters - cut) // 2)  # never more than half the validation text again
-    start = max(0, cut - reach)
-    line_start = text_before(start, cut).rfind("\n")
-    return start + line_start + 1 if line_start >= 0 else cut
+    pieces = max(1, min(pieces, int(characters * val_fraction) // min_piece))
+    part = characters / pieces
+    # each piece's start and end, in order (the last piece ends with the corpus, where it stays)
+    cuts = [
+        int(part * (k + 1 - val_fraction)) if i == 0 else int(part * (k + 1))
+        for k in range(pieces)
+        for i in (0, 1)
+    ]
+    # a cut moves back at most half its piece, so no piece is emptied
+    reaches = [min(LINE_REACH, (cuts[2 * k + 1] - cuts[2 * k]) // 2) for k in range(pieces) for _ in (0, 1)]
+    windows = [(max(0, cut - reach), cut) for cut, reach in zip(cuts[:-1], reaches, strict=False)]
+    moved = []
+    for (start, cut), text in zip(windows, read(windows), strict=True):
+        line_start = text.rfind("\n")
+        moved.append(start + line_start + 1 if line_start >= 0 else cut)
+    moved.append(characters)
+    return list(zip(moved[0::2], moved[1::2], strict=True))
 
 
-def read_range(paths: Sequence[Path], encoding: str, start: int, end: int) -> str:
-    """The text from character ``start`` to ``end`` of the joined corpus."""
-    return "".join(range_chunks(paths, encoding, start, end))
-
-
-def range_chunks(
-    paths: Sequence[Path], encoding: str, start: int, end: int, chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[str]:
-    """The text from character ``start`` to ``end`` of the joined corpus, in pieces."""
-    position = 0
+def read_ranges(
+    paths: Sequence[Path], encoding: str, ranges: Sequence[tuple[int, int]], chunk_bytes: int = CHUNK_BYTES
+) -> list[str]:
+    """The text of each (start, end) character range of the joined corpus (ranges in order of
+    their starts), in one pass."""
+    found: list[list[str]] = [[] for _ in ranges]
+    position, index = 0, 0
     for text in text_chunks(paths, encoding, chunk_bytes):
         following = position + len(text)
-        if following > start and position < end:
-            yield text[max(start - position, 0) : end - position]
-        if following >= end:
-            return
+        for i in range(index, len(ranges)):
+            start, end = ranges[i]
+            if start >= following:
+                break
+            if end > position:
+                found[i].append(text[max(start - position, 0) : end - position])
+        while index < len(ranges) and ranges[index][1] <= following:
+            index += 1
+        if index == len(ranges):
+            break
+        position = following
+    return ["".join(parts) for parts in found]
+
+
+def chunks_outside(
+    paths: Sequence[Path], encoding: str, ranges: Sequence[tuple[int, int]], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[str]:
+    """The joined corpus in pieces, without the (start, end) character ranges (in order, not
+    overlapping): the training text of a split."""
+    position, index = 0, 0
+    for text in text_chunks(paths, encoding, chunk_bytes):
+        following, at = position + len(text), position
+        while index < len(ranges) and ranges[index][0] < following:
+            start, end = ranges[index]
+            if start > at:
+                yield text[at - position : start - position]
+            at = max(at, min(end, following))
+            if end > following:
+                break
+            index += 1
+        if at < following:
+            yield text[at - position :]
         position = following

@@ -1,4 +1,4 @@
-"""Corpus -> tokenizer -> token ids: reading, splitting off the held-out tail, training the
+"""Corpus -> tokenizer -> token ids: reading, splitting off the held-out text, training the
 tokenizer and encoding through the token cache (see :mod:`charlm.data.batches` for the layout
 training reads)."""
 
@@ -15,13 +15,13 @@ from charlm.config import TokenizerConfig
 from charlm.data import cache
 from charlm.data.corpus import (
     Progress,
+    chunks_outside,
     describe,
     expand_inputs,
+    held_out_ranges,
     no_progress,
-    range_chunks,
-    read_range,
+    read_ranges,
     scan,
-    split_point,
     text_chunks,
 )
 from charlm.data.tokenizer import Tokenizer, train_tokenizer_from
@@ -54,11 +54,14 @@ def builtin_corpus() -> str:
     return "\n\n".join(topics[key].strip("\n") for key in sorted(topics)) + "\n"
 
 
-def split_text(text: str, val_fraction: float) -> tuple[str, str]:
-    """Split into (train, validation): the validation text is the contiguous tail, never trained on
-    (see :func:`charlm.data.corpus.split_point`; this is the same cut on a text in memory)."""
-    cut = split_point(len(text), val_fraction, lambda start, end: text[start:end])
-    return text[:cut], text[cut:]
+def split_text(text: str, val_fraction: float, val_pieces: int = 1) -> tuple[str, str]:
+    """Split into (train, validation) as a run does (see
+    :func:`charlm.data.corpus.held_out_ranges`), on a text in memory: the validation text is its
+    pieces joined, never trained on; one piece is the contiguous tail."""
+    ranges = held_out_ranges(len(text), val_fraction, val_pieces, lambda rs: [text[a:b] for a, b in rs])
+    bounds = [0, *(edge for piece in ranges for edge in piece), len(text)]
+    train = "".join(text[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2))
+    return train, "".join(text[a:b] for a, b in ranges)
 
 
 @dataclass(frozen=True)
@@ -77,13 +80,15 @@ def prepare_corpus(
     inputs: Sequence[Path | str],
     tokenizer_config: TokenizerConfig,
     val_fraction: float,
+    val_pieces: int,
     min_train_tokens: int,
     encoding: str = "utf-8",
     status: Callable[[str], None] = lambda message: None,
     tokenizer: Tokenizer | None = None,
     progress: Progress = no_progress,
 ) -> Corpus:
-    """Read the corpus, split off the validation tail, train the tokenizer on the training part
+    """Read the corpus, split off the validation text (``val_pieces`` pieces spread over it, see
+    :func:`charlm.data.corpus.held_out_ranges`), train the tokenizer on the training part
     only (validation characters it never saw fall back to bytes) and encode both parts.
 
     The corpus streams through in pieces and its ids go to memory-mapped files in the token cache
@@ -99,11 +104,12 @@ def prepare_corpus(
     """
     paths = expand_inputs(inputs)
     info = scan(paths, encoding, progress)
-    cut = split_point(
-        info.characters, val_fraction, lambda start, end: read_range(paths, encoding, start, end)
+    ranges = held_out_ranges(
+        info.characters, val_fraction, val_pieces, lambda windows: read_ranges(paths, encoding, windows)
     )
-    val_text = read_range(paths, encoding, cut, info.characters)
-    if not val_text.strip() or info.first_text >= cut:
+    val_text = "".join(read_ranges(paths, encoding, ranges))
+    train_chars = info.characters - len(val_text)
+    if not val_text.strip() or info.first_text >= ranges[0][0]:
         raise CorpusError(
             f"corpus of {info.characters} characters is too small to split off "
             f"{{val_fraction}} {val_fraction}",
@@ -111,14 +117,16 @@ def prepare_corpus(
         )
 
     def train_text() -> Iterator[str]:
-        return range_chunks(paths, encoding, 0, cut)
+        return chunks_outside(paths, encoding, ranges)
 
     if tokenizer is None:
         kind = tokenizer_config.kind.value
-        name = cache.key("tokenizer", info.sha256, val_fraction, kind, tokenizer_config.vocab_size)
+        name = cache.key(
+            "tokenizer", info.sha256, *_split_key(val_fraction, val_pieces), kind, tokenizer_config.vocab_size
+        )
 
         def build_tokenizer() -> bytes:
-            status(f"training {kind} tokenizer on {cut:,} characters")
+            status(f"training {kind} tokenizer on {train_chars:,} characters")
             return train_tokenizer_from(train_text, tokenizer_config).to_bytes()
 
         tokenizer = Tokenizer.from_bytes(cache.cached_bytes(name, build_tokenizer, _loads))
@@ -126,13 +134,18 @@ def prepare_corpus(
     def encode(directory: Path) -> dict[str, cache.TokenFile]:
         status(f"encoding {info.characters:,} characters into {cache.cache_dir()}")
         train = cache.IdWriter(directory / "train.ids", tokenizer.vocab_size)
-        for ids in tokenizer.encode_stream(_reporting(train_text(), cut, progress)):
+        for ids in tokenizer.encode_stream(_reporting(train_text(), train_chars, progress)):
             train.write(ids)
         val = cache.IdWriter(directory / "val.ids", tokenizer.vocab_size)
         val.write(tokenizer.encode_array(val_text))
         return {"train": train.close(), "val": val.close()}
 
-    entry = cache.key("ids", info.sha256, val_fraction, hashlib.sha256(tokenizer.to_bytes()).hexdigest())
+    entry = cache.key(
+        "ids",
+        info.sha256,
+        *_split_key(val_fraction, val_pieces),
+        hashlib.sha256(tokenizer.to_bytes()).hexdigest(),
+    )
     files, cached = cache.cached_ids(entry, encode)
     if cached:
         status(f"token ids from the cache ({files['train'].count + files['val'].count:,} tokens)")
@@ -145,6 +158,11 @@ def prepare_corpus(
         )
     val_ids = torch.from_numpy(files["val"].open())
     return Corpus(tokenizer, train_ids, val_ids, val_text, info.sha256, cached)
+
+
+def _split_key(val_fraction: float, val_pieces: int) -> tuple[float | int, ...]:
+    """What of the split a cache entry depends on (a tail's entries keep their earlier keys)."""
+    return (val_fraction,) if val_pieces == 1 else (val_fraction, val_pieces)
 
 
 def _loads(proto: bytes) -> bool:

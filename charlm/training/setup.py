@@ -54,6 +54,7 @@ def prepare_run(
         paths,
         config.tokenizer,
         config.train.val_fraction,
+        config.train.val_pieces,
         2 * config.train.batch_size,
         encoding,
         cb.on_status,
@@ -103,8 +104,8 @@ def prepare_resume(
     tc = config.train
     sources = list(paths) or list(config.corpus)
     corpus = prepare_corpus(
-        sources, config.tokenizer, tc.val_fraction, 2 * tc.batch_size, encoding, cb.on_status, run.tokenizer,
-        cb.on_progress,
+        sources, config.tokenizer, tc.val_fraction, tc.val_pieces, 2 * tc.batch_size, encoding, cb.on_status,
+        run.tokenizer, cb.on_progress,
     )  # fmt: skip
     if run.corpus_sha256 is not None and corpus.sha256 != run.corpus_sha256:
         raise CorpusError(
