@@ -35,13 +35,32 @@ class CharlmError(Exception):
 
     def worded(self, name: Callable[[str], str]) -> str:
         """The message with each field named by ``name(field)`` (a flag, a JSON key)."""
-        if not self.fields:
-            return self.template
-        return re.sub(
-            r"\{(\w+)\}",
-            lambda m: name(m[1]) if m[1] in self.fields else m[0],
-            self.template,
-        )
+        return _worded(self.template, self.fields, name)
+
+
+class Notice(str):
+    """A status line (a warning, what was chosen) that names options: a ``str`` that writes the
+    field names, as a Python caller knows them, worded by each face like an error's message
+    (``Notice("raise {dropout}", fields=("dropout",)).worded(flag)`` is ``raise --dropout``)."""
+
+    template: str
+    fields: tuple[str, ...]
+
+    def __new__(cls, template: str, *, fields: Iterable[str] = ()) -> Notice:
+        fields = tuple(fields)
+        notice = super().__new__(cls, _worded(template, fields, lambda name: name))
+        notice.template, notice.fields = template, fields
+        return notice
+
+    def worded(self, name: Callable[[str], str]) -> str:
+        """The line with each field named by ``name(field)``."""
+        return _worded(self.template, self.fields, name)
+
+
+def _worded(template: str, fields: tuple[str, ...], name: Callable[[str], str]) -> str:
+    if not fields:
+        return template
+    return re.sub(r"\{(\w+)\}", lambda m: name(m[1]) if m[1] in fields else m[0], template)
 
 
 class ConfigError(CharlmError):

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from charlm.cli.options import worded
 from charlm.config import Cell, ModelConfig, RunConfig, TokenizerConfig
 from charlm.model.network import RNNLM
 from charlm.model.scoring import dynamic_nats, evaluate, total_nats
@@ -139,7 +140,10 @@ def test_memorisation_warning_comes_once(
     module.fit(run, train_ids, val_ids, Record())
     warnings = [m for m in messages if m.startswith("warning:")]
     assert len(warnings) == 1, messages
-    assert f"not improved for {OVERFIT_PATIENCE} validations" in warnings[0] and "--dropout" in warnings[0]
+    assert f"not improved for {OVERFIT_PATIENCE} validations" in warnings[0]
+    # the library names its fields, the command line its options
+    assert "raise dropout or weight_decay" in warnings[0]
+    assert "raise --dropout or --weight-decay, use a smaller model (--hidden)" in worded(warnings[0])
 
 
 def test_no_memorisation_warning_for_a_training_loss_that_only_wobbles() -> None:

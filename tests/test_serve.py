@@ -680,7 +680,8 @@ def test_binding_beyond_loopback_without_a_key_warns(trained_run: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
-    assert "warning: serving on 0.0.0.0 without an API key" in process.communicate()[1]
+    said = process.communicate()[1]
+    assert "warning: serving on 0.0.0.0 without an API key" in said and "(set --api-key or" in said
 
 
 def test_an_address_it_cannot_have_is_one_line_and_its_exit_code(trained_run: Path) -> None:

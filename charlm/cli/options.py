@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from charlm.config import CheckpointTag, ModelConfig, SampleConfig, TokenizerConfig, TrainConfig
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, Notice
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -128,6 +128,11 @@ def flag(field: str) -> str:
     return _FLAGS.get(field) or "--" + field.replace("_", "-")
 
 
+def worded(message: str) -> str:
+    """A status line in the words of the command line (a :class:`Notice` names options)."""
+    return message.worded(flag) if isinstance(message, Notice) else message
+
+
 def report(exc: CharlmError) -> None:
     """An error, as one line on stderr, in the words of the command line."""
     message = exc.worded(flag)
@@ -136,6 +141,7 @@ def report(exc: CharlmError) -> None:
 
 def status(message: str) -> None:
     """A line of progress on stderr: dim, or in colour for a warning."""
+    message = worded(message)
     style = "bold yellow" if message.startswith("warning:") else "dim"
     stderr.print(f"[{style}]{escape(message)}[/]", highlight=False, soft_wrap=True)
 

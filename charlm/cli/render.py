@@ -22,6 +22,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from charlm.cli.options import worded
+
 if TYPE_CHECKING:
     from charlm.training.report import StepReport, TrainResult
 
@@ -82,6 +84,7 @@ class TrainProgress:
 
     def on_status(self, message: str) -> None:
         """A phase of the run (tokenizer, encoding, model size), or a warning (in colour)."""
+        message = worded(message)
         style = "bold yellow" if message.startswith("warning:") else "dim"
         self._progress.console.print(f"[{style}]{escape(message)}[/]", soft_wrap=True, highlight=False)
 

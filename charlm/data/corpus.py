@@ -254,31 +254,31 @@ def held_out_ranges(
     """The (start, end) character ranges held out for validation, in order.
 
     The corpus is cut into ``pieces`` equal parts (fewer where a piece would hold under
-    ``min_piece`` characters) and the last ``val_fraction`` of each part is held out, so the text
-    nearest almost any point of the corpus is trained on (the end of a book, whose next chapter a
-    user goes on to write, but its last piece), and validation still measures every part of it.
-    One piece is the contiguous tail, which runs written before pieces existed hold out. Every
-    cut moves back to the start of a line where one is within reach, so no word is split; each
-    piece keeps at least half its length.
+    ``min_piece`` characters) and the middle ``val_fraction`` of each part is held out: validation
+    measures every part of the corpus, and its start and its end are trained on (the end of a
+    book, whose next chapter a user goes on to write, or the newest of a log). One piece is the
+    corpus's tail, as runs written before pieces existed held out. Every cut moves back to the
+    start of a line where one is within reach, so no word is split; each piece keeps at least half
+    its length.
 
     ``read(ranges)`` returns the text of each (start, end) range, in one pass over the corpus.
     """
     pieces = max(1, min(pieces, int(characters * val_fraction) // min_piece))
-    part = characters / pieces
-    # each piece's start and end, in order (the last piece ends with the corpus, where it stays)
-    cuts = [
-        int(part * (k + 1 - val_fraction)) if i == 0 else int(part * (k + 1))
-        for k in range(pieces)
-        for i in (0, 1)
-    ]
+    if pieces == 1:
+        cuts = [int(characters * (1 - val_fraction)), characters]
+    else:
+        part = characters / pieces
+        cuts = [int(part * (k + (1 + side * val_fraction) / 2)) for k in range(pieces) for side in (-1, 1)]
     # a cut moves back at most half its piece, so no piece is emptied
     reaches = [min(LINE_REACH, (cuts[2 * k + 1] - cuts[2 * k]) // 2) for k in range(pieces) for _ in (0, 1)]
-    windows = [(max(0, cut - reach), cut) for cut, reach in zip(cuts[:-1], reaches, strict=False)]
+    moving = cuts if pieces > 1 else cuts[:1]  # the tail ends with the corpus, where it stays
+    windows = [(max(0, cut - reach), cut) for cut, reach in zip(moving, reaches, strict=False)]
     moved = []
     for (start, cut), text in zip(windows, read(windows), strict=True):
         line_start = text.rfind("\n")
         moved.append(start + line_start + 1 if line_start >= 0 else cut)
-    moved.append(characters)
+    if pieces == 1:
+        moved.append(characters)
     return list(zip(moved[0::2], moved[1::2], strict=True))
 
 

@@ -15,7 +15,7 @@ from types import FrameType
 import uvicorn
 
 from charlm.api import load
-from charlm.errors import ConfigError, ServeError
+from charlm.errors import ConfigError, Notice, ServeError
 from charlm.generation.chat import DEFAULT_FORMAT, ChatFormat
 from charlm.serve.app import Limits, create_app
 from charlm.serve.engine import CACHE_BYTES, Engine
@@ -90,8 +90,11 @@ def serve(
     port = listening[0].getsockname()[1]
     if not api_key and not _loopback(host):
         on_status(
-            f"warning: serving on {host or 'every interface'} without an API key: anyone who can reach "
-            "it can use it (set --api-key or CHARLM_API_KEY)"
+            Notice(
+                f"warning: serving on {host or 'every interface'} without an API key: anyone who can "
+                "reach it can use it (set {api_key} or CHARLM_API_KEY)",
+                fields=("api_key",),
+            )
         )
     try:
         app = create_app(engines, api_key or None, limits, chat_format=chat_format or DEFAULT_FORMAT)

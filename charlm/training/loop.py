@@ -17,7 +17,7 @@ import torch
 
 from charlm.data.batches import count_windows, window
 from charlm.device import resolve_device, resolve_precision
-from charlm.errors import TrainingError
+from charlm.errors import Notice, TrainingError
 from charlm.generation.sampling import sample_text
 from charlm.model.network import count_parameters, detach_hidden
 from charlm.model.scoring import EvalResult, score, total_nats
@@ -331,10 +331,13 @@ class Trainer:
             return
         p.overfit_warned = True
         self.cb.on_status(
-            f"warning: held-out loss has not improved for {p.stale} validations (best {p.best_loss:.4f}) "
-            f"while training loss fell from {p.train_at_best:.4f} to {record['train_loss']:.4f}: the model "
-            "is memorising its corpus. best/ keeps the best checkpoint; for the next run, raise --dropout "
-            "or --weight-drop, use a smaller model (--hidden), or train for less time"
+            Notice(
+                f"warning: held-out loss has not improved for {p.stale} validations (best {p.best_loss:.4f}) "
+                f"while training loss fell from {p.train_at_best:.4f} to {record['train_loss']:.4f}: the "
+                "model is memorising its corpus. best/ keeps the best checkpoint; for the next run, raise "
+                "{dropout} or {weight_decay}, use a smaller model ({hidden}), or train for less time",
+                fields=("dropout", "weight_decay", "hidden"),
+            )
         )
 
     def _save_due(self) -> bool:
