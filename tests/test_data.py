@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from charlm.data.batches import batchify, eval_streams, window, windows
-from charlm.data.prepare import read_corpus, split_text
+from charlm.data.prepare import builtin_corpus, read_corpus, split_text
 from charlm.errors import CorpusError
+from tests.conftest import TINY_MODEL, invoke
 
 
 def test_batchify_matches_the_documented_diagram() -> None:
@@ -123,3 +125,21 @@ def test_the_cut_is_inside_the_text_and_after_the_last_newline_within_reach(
     start = max(0, cut - min(1000, (len(text) - cut) // 2))
     newline = text.rfind("\n", start, cut)
     assert len(train) == (newline + 1 if newline >= 0 else cut)
+
+
+def test_a_run_holds_out_the_pieces_it_records(in_tmp: Path) -> None:
+    """`charlm train` holds out what split_text does, in the pieces it records; a corpus too small
+    for pieces of 2,000 characters holds out its tail, as runs did before pieces."""
+    text = builtin_corpus()[:100_000]
+    (in_tmp / "c.txt").write_text(text, encoding="utf-8")
+    for pieces, out in ((4, "spread"), (20, "default")):
+        options = ["--max-steps", "2", "--val-fraction", "0.1", "--val-pieces", str(pieces)]
+        result = invoke("train", "c.txt", "--out", out, *options, *TINY_MODEL)
+        assert result.exit_code == 0, result.output
+        heldout = (in_tmp / out / "heldout.txt").read_text(encoding="utf-8")
+        assert heldout == split_text(text, 0.1, pieces)[1]
+        assert json.loads((in_tmp / out / "run.json").read_text())["config"]["train"]["val_pieces"] == pieces
+    assert split_text(text, 0.1, 4) != split_text(text, 0.1, 1)
+    assert split_text(text, 0.1, 20) == split_text(text, 0.1, 5)  # 10,000 characters: 5 pieces at most
+    small = builtin_corpus()[:20_000]
+    assert split_text(small, 0.05, 20) == split_text(small, 0.05, 1)  # 1,000 held out: the tail
