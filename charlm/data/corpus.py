@@ -265,21 +265,25 @@ def held_out_ranges(
     """
     pieces = max(1, min(pieces, int(characters * val_fraction) // min_piece))
     if pieces == 1:
-        cuts = [int(characters * (1 - val_fraction)), characters]
+        ranges = [(int(characters * (1 - val_fraction)), characters)]
     else:
         part = characters / pieces
-        cuts = [int(part * (k + (1 + side * val_fraction) / 2)) for k in range(pieces) for side in (-1, 1)]
-    # a cut moves back at most half its piece, so no piece is emptied
-    reaches = [min(LINE_REACH, (cuts[2 * k + 1] - cuts[2 * k]) // 2) for k in range(pieces) for _ in (0, 1)]
-    moving = cuts if pieces > 1 else cuts[:1]  # the tail ends with the corpus, where it stays
-    windows = [(max(0, cut - reach), cut) for cut, reach in zip(moving, reaches, strict=False)]
-    moved = []
+        ranges = [
+            (int(part * (k + (1 - val_fraction) / 2)), int(part * (k + (1 + val_fraction) / 2)))
+            for k in range(pieces)
+        ]
+    # each cut moves back at most half its piece, so none is emptied; the corpus's end stays put
+    windows = [
+        (max(0, cut - min(LINE_REACH, (end - start) // 2)), cut)
+        for start, end in ranges
+        for cut in (start, end)
+        if cut < characters
+    ]
+    moved = {}
     for (start, cut), text in zip(windows, read(windows), strict=True):
         line_start = text.rfind("\n")
-        moved.append(start + line_start + 1 if line_start >= 0 else cut)
-    if pieces == 1:
-        moved.append(characters)
-    return list(zip(moved[0::2], moved[1::2], strict=True))
+        moved[cut] = start + line_start + 1 if line_start >= 0 else cut
+    return [(moved.get(start, start), moved.get(end, end)) for start, end in ranges]
 
 
 def read_ranges(
