@@ -321,3 +321,26 @@ def test_the_launcher_says_which_rank_an_error_of_one_rank_alone_happened_on(
     with pytest.raises(TrainingError) as caught, _rank_errors(Ranks(0, 2), reported.append):  # type: ignore[arg-type]
         raise shared
     assert caught.value is shared and reported == [shared]  # type: ignore[comparison-overlap]
+
+
+def test_the_rank_killed_first_is_named_not_the_one_the_launcher_then_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once a rank is killed, the launcher stops the others with SIGTERM, and may record both
+    within one second: the cause is the other signal, whatever the ranks' numbers."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from charlm.errors import TrainingError
+    from charlm.training import elastic
+
+    def failures(*_: object) -> None:
+        stopped = ProcessFailure(local_rank=0, pid=1, exitcode=-signal.SIGTERM, error_file="")
+        killed = ProcessFailure(local_rank=1, pid=2, exitcode=-signal.SIGKILL, error_file="")
+        stopped.timestamp = killed.timestamp
+        raise ChildFailedError("charlm", {0: stopped, 1: killed})
+
+    monkeypatch.setattr(torchrun, "run", failures)
+    monkeypatch.setenv(elastic.LAUNCHED, "")  # launch sets it for its ranks: restored after the test
+    with pytest.raises(TrainingError, match=r"^rank 1 was killed by SIGKILL$"):
+        elastic.launch(["corpus.txt"], processes=2)

@@ -91,11 +91,15 @@ def launch(
         with _quiet():
             torchrun.run(parsed)
     except ChildFailedError as exc:
+        # the first rank killed (the launcher stamps failures in seconds, and stops the ranks left
+        # with SIGTERM once one has failed: at a tie, another signal is the cause)
         killed = sorted(
-            (rank, -failure.exitcode) for rank, failure in exc.failures.items() if failure.exitcode < 0
+            (failure.timestamp, -failure.exitcode == signal.SIGTERM, rank, -failure.exitcode)
+            for rank, failure in exc.failures.items()
+            if failure.exitcode < 0
         )
         if killed:  # it could say nothing; the others lost it and left without a word
-            rank, number = killed[0]
+            *_, rank, number = killed[0]
             raise TrainingError(f"rank {rank} was killed by {_signal_name(number)}") from None
         return exc.get_first_failure()[1].exitcode  # the rank said why (rank 0, for a shared error)
     except SignalException as exc:  # the launcher was interrupted; it stopped the ranks likewise
