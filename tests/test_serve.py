@@ -178,13 +178,20 @@ def test_chunks_go_out_an_interval_apart_and_a_choice_s_end_at_once() -> None:
 
         feeding = asyncio.create_task(engine())
         chunks = []
-        while (chunk := await _next_chunk(events))[1] is not None:
-            chunks.append(chunk)
+        # Timed in this task as each chunk is yielded (not through wait_for, whose task adds a loop
+        # turn of scheduling delay to each timestamp, enough on a loaded machine to bring two
+        # timestamps closer than the chunks were sent); steady() as a whole has the time limit.
+        async for data in events:
+            when, data = time.perf_counter(), data.removeprefix("data: ").strip()
+            if data != "[DONE]":
+                chunks.append((when, json.loads(data)))
         await feeding
         assert "".join(c[1]["choices"][0]["text"] for c in chunks) == "0123456789" * 10
         assert chunks[-1][1]["choices"][0]["finish_reason"] == "length"
         assert len(chunks) < 20  # not 100
-        assert all(b[0] - a[0] > 0.049 for a, b in itertools.pairwise(chunks[:-1]))
+        # Pieces come every 5 ms: a gap near 50 ms is the interval (5 ms of slack for
+        # the work between the clock and the yield).
+        assert all(b[0] - a[0] > 0.045 for a, b in itertools.pairwise(chunks[:-1]))
 
     async def ending() -> None:
         queue = _Pieces()
@@ -201,7 +208,7 @@ def test_chunks_go_out_an_interval_apart_and_a_choice_s_end_at_once() -> None:
         assert last["choices"][0] == {"text": "bc", "index": 1, "logprobs": None, "finish_reason": "length"}
         assert when - start < 5 and (await _next_chunk(events))[1] is None  # then [DONE]
 
-    asyncio.run(steady())
+    asyncio.run(asyncio.wait_for(steady(), 10))
     asyncio.run(ending())
 
 
