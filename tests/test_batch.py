@@ -118,10 +118,10 @@ def test_a_shared_picker_picks_the_same_when_rows_have_left(
         assert picked.tolist() == full(logits)[kept].tolist()
 
 
-def _through_engine(model: RNNLM, tokenizer: Tokenizer, asks: list[tuple[str, SampleConfig]], stepper: bool
-                    ) -> list[tuple[str, str | None, int]]:  # fmt: skip
+def _through_engine(model: RNNLM, tokenizer: Tokenizer, asks: list[tuple[str, SampleConfig]], stepper: bool,
+                    threads: int | None = None) -> list[tuple[str, str | None, int]]:  # fmt: skip
     """(text, finish, tokens) of each ask, all sent to one engine at once (they share its steps)."""
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, threads=threads)
     if not stepper:
         engine.stepper = None  # the module's path, as on CUDA
     texts: dict[int, str] = collections.defaultdict(str)
@@ -155,7 +155,8 @@ def test_one_seed_one_completion_through_sample_generate_and_the_engine(
     """charlm sample (generate), bulk output and the API (sample_all) and the server (the engine,
     its rows sharing steps, on the stepper and on the module's path) give one text for one seed:
     a short prompt read through the steps and a long one read at once, with and without stop
-    strings, penalties and banned text."""
+    strings, penalties and banned text; and so does an engine that steps even a few rows on two
+    threads of arithmetic, as the server's does."""
     model = tiny(cell, tokenizer.vocab_size, 0.3)
     counts = torch.bincount(torch.tensor(tokenizer.encode(corpus_text)), minlength=tokenizer.vocab_size)
     with torch.no_grad():  # the corpus's letters, as a trained model's first guess: stop strings come up
@@ -181,5 +182,5 @@ def test_one_seed_one_completion_through_sample_generate_and_the_engine(
         expected.append((text, finish, run.tokens[0]))
     assert any(e[1] == "stop" for e in expected) and any(e[1] == "length" for e in expected)
     assert all(e[0] for e in expected[:4])
-    for stepper in (True, False):
-        assert _through_engine(model, tokenizer, asks, stepper) == expected, stepper
+    for stepper, threads in ((True, None), (True, 2), (False, None)):
+        assert _through_engine(model, tokenizer, asks, stepper, threads) == expected, (stepper, threads)

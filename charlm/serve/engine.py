@@ -80,9 +80,11 @@ class Request:
 # longer one is read at once by the module, in a thread of its own beside the steps (a
 # 100,000-character prompt read between steps stopped every stream for seconds).
 PREFILL_TOKENS = 64
-# A step of up to this many rows runs on one thread of arithmetic in the engine's thread: there,
-# unlike in the main thread, oneDNN's products on two OpenMP threads ran small batches at half the
-# speed of one (docs/benchmarks/serve-load.md).
+# A step of up to this many rows runs on one thread of arithmetic in the engine's thread, unless
+# the engine is told it has the process's arithmetic to itself (``threads``): GNU OpenMP spins
+# only briefly for work when more threads than cores belong to its teams, so where another thread
+# (the main one, which loaded the model) has a team of its own, oneDNN's products on two threads
+# ran small batches at half the speed of one (docs/benchmarks/serve-load.md).
 ONE_THREAD_ROWS = 48
 # A prompt of up to this many characters is encoded in the engine's thread to count its tokens
 # (tens of microseconds); a longer one is encoded in the prompt thread too.
@@ -145,16 +147,26 @@ class Engine:
     Args:
         max_rows: requests generated at once (more are refused with :class:`Busy`).
         cache_bytes: the size of its cache of states (:class:`StateCache`; 0: none).
+        threads: threads of arithmetic for every step, where the caller leaves the process's
+            arithmetic to the engine's thread (:func:`~charlm.serve.server.serve` runs its main
+            thread on one, and its prompt thread runs on one); None: one thread for a step of up
+            to :data:`ONE_THREAD_ROWS` rows, the process's setting for more.
     """
 
     def __init__(
-        self, network: RNNLM, tokenizer: Tokenizer, max_rows: int = 256, cache_bytes: int = CACHE_BYTES
+        self,
+        network: RNNLM,
+        tokenizer: Tokenizer,
+        max_rows: int = 256,
+        cache_bytes: int = CACHE_BYTES,
+        threads: int | None = None,
     ) -> None:
         self.network, self.tokenizer, self.max_rows = network.eval(), tokenizer, max_rows
         self.cache = StateCache(cache_bytes)
         # the CPU's fast path, where there is one (set to None before start() for the module's)
         self.stepper = fast_stepper(network)
-        self._threads = torch.get_num_threads()  # the process's, for large batches
+        self._threads = threads or torch.get_num_threads()  # the process's, for large batches
+        self._small_rows = 0 if threads else ONE_THREAD_ROWS  # steps up to this size: one thread
         self._rows: list[_Row] = []
         self._arrived: list[Request] = []
         self._reading: list[Request] = []  # long prompts being read in the prompt thread
@@ -195,7 +207,10 @@ class Engine:
     def start(self) -> None:
         self._sampler = self._new_sampler()
         self._running = True
-        self._prompts = ThreadPoolExecutor(1, thread_name_prefix="charlm-prompts")
+        # one thread of arithmetic: a team of its own would slow the engine's (see ONE_THREAD_ROWS)
+        self._prompts = ThreadPoolExecutor(
+            1, thread_name_prefix="charlm-prompts", initializer=torch.set_num_threads, initargs=(1,)
+        )
         self._thread = threading.Thread(target=self._loop, name="charlm-engine", daemon=True)
         self._thread.start()
 
@@ -421,9 +436,10 @@ class Engine:
 
     def _advance(self, going: list[_Row]) -> None:
         """One batched recurrent step of the rows that go on (the others leave the batch), on one
-        thread of arithmetic for a small batch (see :data:`ONE_THREAD_ROWS`)."""
+        thread of arithmetic for a small batch unless it has the process's to itself (see
+        :data:`ONE_THREAD_ROWS`)."""
         assert self._sampler is not None
-        threads = 1 if len(going) <= ONE_THREAD_ROWS and self.stepper is not None else self._threads
+        threads = 1 if len(going) <= self._small_rows and self.stepper is not None else self._threads
         if threads != torch.get_num_threads():  # this thread's own setting
             torch.set_num_threads(threads)
         self._sampler.advance(going)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
+import torch
 import uvicorn
 
 from charlm.api import load
@@ -81,35 +82,46 @@ def serve(
     for value, field in ((limits.max_tokens, "max_tokens"), (limits.max_prompt_chars, "max_prompt_chars")):
         if value < 1:
             raise ConfigError(f"{{{field}}} must be at least 1, got {value}", fields=(field,))
-    models = [load(run, checkpoint, device) for run in runs] if runs else [load(None, checkpoint, device)]
-    engines = {
-        name: Engine(model.network, model.run.tokenizer, max_streams, cache_bytes)
-        for name, model in zip(model_ids([m.path for m in models]), models, strict=True)
-    }
-    listening = _listen(host, port)  # before a word is said
-    port = listening[0].getsockname()[1]
-    if not api_key and not _loopback(host):
-        on_status(
-            Notice(
-                f"warning: serving on {host or 'every interface'} without an API key: anyone who can "
-                "reach it can use it (set {api_key} or CHARLM_API_KEY)",
-                fields=("api_key",),
-            )
-        )
+    # The engines' threads do the arithmetic, on the process's threads; this thread (the event
+    # loop's) does none, on one thread: a second OpenMP team would slow theirs (see
+    # charlm.serve.engine.ONE_THREAD_ROWS). Set before loading, which is this thread's first; the
+    # caller's setting is back when serving ends (serve() called from Python).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        app = create_app(engines, api_key or None, limits, chat_format=chat_format or DEFAULT_FORMAT)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
-        server = _Server(config, lambda: [engine.drain() for engine in engines.values()])
-        for engine in engines.values():
-            engine.start()
-        shown = f"[{host}]" if ":" in host else host or "0.0.0.0"  # an IPv6 address in a URL; "": all
-        on_status(f"serving {', '.join(engines)} on http://{shown}:{port} (pid {os.getpid()})")
-        server.run(sockets=listening)
+        models = [load(run, checkpoint, device) for run in runs] if runs else [load(None, checkpoint, device)]
+        engines = {
+            name: Engine(model.network, model.run.tokenizer, max_streams, cache_bytes, threads)
+            for name, model in zip(model_ids([m.path for m in models]), models, strict=True)
+        }
+        listening = _listen(host, port)  # before a word is said
+        port = listening[0].getsockname()[1]
+        if not api_key and not _loopback(host):
+            on_status(
+                Notice(
+                    f"warning: serving on {host or 'every interface'} without an API key: anyone who can "
+                    "reach it can use it (set {api_key} or CHARLM_API_KEY)",
+                    fields=("api_key",),
+                )
+            )
+        try:
+            app = create_app(engines, api_key or None, limits, chat_format=chat_format or DEFAULT_FORMAT)
+            config = uvicorn.Config(
+                app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10
+            )
+            server = _Server(config, lambda: [engine.drain() for engine in engines.values()])
+            for engine in engines.values():
+                engine.start()
+            shown = f"[{host}]" if ":" in host else host or "0.0.0.0"  # an IPv6 address in a URL; "": all
+            on_status(f"serving {', '.join(engines)} on http://{shown}:{port} (pid {os.getpid()})")
+            server.run(sockets=listening)
+        finally:
+            for engine in engines.values():
+                engine.stop()
+            for sock in listening:
+                sock.close()
     finally:
-        for engine in engines.values():
-            engine.stop()
-        for sock in listening:
-            sock.close()
+        torch.set_num_threads(threads)
 
 
 def read_chat_format(path: Path) -> ChatFormat:
