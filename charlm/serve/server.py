@@ -88,6 +88,8 @@ def serve(
     # caller's setting is back when serving ends (serve() called from Python).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    engines: dict[str, Engine] = {}
+    listening: list[socket.socket] = []
     try:
         models = [load(run, checkpoint, device) for run in runs] if runs else [load(None, checkpoint, device)]
         engines = {
@@ -104,23 +106,19 @@ def serve(
                     fields=("api_key",),
                 )
             )
-        try:
-            app = create_app(engines, api_key or None, limits, chat_format=chat_format or DEFAULT_FORMAT)
-            config = uvicorn.Config(
-                app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10
-            )
-            server = _Server(config, lambda: [engine.drain() for engine in engines.values()])
-            for engine in engines.values():
-                engine.start()
-            shown = f"[{host}]" if ":" in host else host or "0.0.0.0"  # an IPv6 address in a URL; "": all
-            on_status(f"serving {', '.join(engines)} on http://{shown}:{port} (pid {os.getpid()})")
-            server.run(sockets=listening)
-        finally:
-            for engine in engines.values():
-                engine.stop()
-            for sock in listening:
-                sock.close()
+        app = create_app(engines, api_key or None, limits, chat_format=chat_format or DEFAULT_FORMAT)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+        server = _Server(config, lambda: [engine.drain() for engine in engines.values()])
+        for engine in engines.values():
+            engine.start()
+        shown = f"[{host}]" if ":" in host else host or "0.0.0.0"  # an IPv6 address in a URL; "": all
+        on_status(f"serving {', '.join(engines)} on http://{shown}:{port} (pid {os.getpid()})")
+        server.run(sockets=listening)
     finally:
+        for engine in engines.values():  # one never started stops at once
+            engine.stop()
+        for sock in listening:
+            sock.close()
         torch.set_num_threads(threads)
 
 
