@@ -22,7 +22,8 @@ symbols (charlm's char tokenizer adds 256 byte-fallback pieces: 324 outputs, on 
 - start-up: the median wall time of ``charlm --help`` in a new process (five runs);
 - the scan cell (``--cell mingru``, the default, at its default shape) beside an LSTM of about
   the same parameter count: training, evaluation and sampling (1 and 32 streams) tokens/s, in the
-  same precision, batch and BPTT as above.
+  same precision, batch and BPTT as above; and the scan cell's training step through
+  ``torch.compile`` (``charlm train --compile``), with the seconds its compilation took.
 
 Prints a table of absolute figures and ratios, then one JSON object.
 """
@@ -229,6 +230,9 @@ def main() -> None:
     print(f"\n{'cell (parameters)':<28} {'train':>9} {'eval':>9} {'sample 1':>9} {'sample 32':>9}")
     for name, row in cells.items():
         print(f"{name:<28} " + " ".join(f"{row[k]:>9,.0f}" for k in ("train", "eval", "sample1", "sample32")))
+        if "train_compiled" in row:
+            compiled, seconds = row["train_compiled"], row["compile_s"]
+            print(f"{'  the same, --compile':<28} {compiled:>9,.0f} (after {seconds:.0f} s compiling)")
     print(
         json.dumps(
             {
@@ -292,6 +296,18 @@ def compare_cells(
 
         model.train()
         row = {"train": rate(train, seconds, device)}
+        if c.cell.scan:  # `charlm train --compile`: the same step through torch.compile
+            compiled = torch.compile(model, dynamic=False)
+
+            def train_compiled() -> int:
+                _, _, hidden, _ = train_step(compiled, opt, x, y, state["h"], 1.0, autocast)  # noqa: B023
+                state["h"] = detach_hidden(hidden)  # noqa: B023
+                return x.numel()
+
+            start = time.perf_counter()
+            train_compiled()  # the compilation (seconds once torch's cache holds it)
+            row["compile_s"] = time.perf_counter() - start
+            row["train_compiled"] = rate(train_compiled, seconds, device)
         model.eval()
         row |= {"eval": rate(score, seconds, device), "sample1": rate(sample(1, 1000), seconds, device),
                 "sample32": rate(sample(32, 200), seconds, device)}  # fmt: skip

@@ -9,8 +9,9 @@ builders), :mod:`~charlm.training.step`, :mod:`~charlm.training.schedule` and
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -58,6 +59,21 @@ SAMPLE_CHARS = 200
 SAMPLE_TEMPERATURE = 0.8
 
 
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    """PyTorch's deterministic algorithms while the compiled step runs: else its compiler sums the
+    embedding's gradient with atomic adds from two threads, in whatever order they come, and a run
+    is no longer repeated bit for bit by its seed or by its resume. ``warn_only``: an operation with
+    no deterministic form (some, on CUDA) warns instead of failing."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
 class Trainer:
     """One run's model, optimizer, schedule and data, and the loop that trains them.
 
@@ -88,6 +104,11 @@ class Trainer:
             checkpoint.load_weights(self.model, parent_weights(run.parent), run.parent.run)
         self.optimizer = build_optimizer(self.model, tc)
         self.net = distribute(self.model, self.device, ranks, tc.seed)
+        # --compile: full windows go through the compiled step (a window of another length, the
+        # last of an epoch, through ``net`` itself: a second compilation would cost more than it
+        # saves); the weights are the model's, so checkpoints and validation are unchanged
+        self.compiled: torch.nn.Module | None = torch.compile(self.net, dynamic=False) if tc.compile else None
+        self._compile_tried = False
         self.streams, self.tokens_per_epoch = rank_streams(train_ids, tc.batch_size, ranks)  # (b, L)
         self.steps_per_epoch = count_windows(self.streams, tc.bptt)
         self.val_chars = len(run.heldout_text())
@@ -187,16 +208,32 @@ class Trainer:
         the last good state with a lower learning rate."""
         p, tc = self.progress, self.config
         self._set_lr()
-        loss, grad_norm, hidden, applied = train_step(
-            self.net,
-            self.optimizer,
-            x,
-            y,
-            self.state.hidden,
-            tc.effective_clip,
-            self.autocast,
-            self._agree_bad,
-        )
+        compiled = self.compiled is not None and x.size(0) == tc.bptt
+        if compiled and not self._compile_tried:
+            self.cb.on_status("compiling the training step (a minute the first time, seconds once cached)")
+        try:
+            with _deterministic() if compiled else contextlib.nullcontext():
+                loss, grad_norm, hidden, applied = train_step(
+                    self.compiled if compiled else self.net,  # type: ignore[arg-type]
+                    self.optimizer,
+                    x,
+                    y,
+                    self.state.hidden,
+                    tc.effective_clip,
+                    self.autocast,
+                    self._agree_bad,
+                )
+        except Exception as exc:
+            if not compiled or self._compile_tried:
+                raise
+            # the compilation failed (no C++ compiler, an unsupported platform): nothing was
+            # updated, since it fails in the forward pass; the run goes on uncompiled
+            self.compiled = None
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            self.cb.on_status(f"torch.compile failed ({type(exc).__name__}: {first}); training uncompiled")
+            self._step(x, y)
+            return
+        self._compile_tried = self._compile_tried or compiled
         p.step, p.window, p.tokens = p.step + 1, p.window + 1, p.tokens + x.numel() * self.ranks.world
         if applied:
             self.state.hidden = detach_hidden(hidden)

@@ -51,7 +51,7 @@ OPTION_FIELDS: dict[str, tuple[str, str]] = {
 # Options that may change when a run is resumed (they do not change what was learned so far).
 RESUMABLE_CHANGES = (
     "epochs", "max_steps", "max_time", "eval_every", "save_steps", "save_seconds", "device", "precision",
-    "sample_every",
+    "sample_every", "compile",
 )  # fmt: skip
 _DEFAULTS: dict[str, Any] = {"tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig}
 
