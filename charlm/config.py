@@ -296,7 +296,9 @@ class TrainConfig:
     optimizer: OptimizerKind = OptimizerKind.adam
     lr: PositiveFloatOrNone = None  # None: the optimizer's default, see ``effective_lr``
     clip: PositiveFloatOrNone = None  # None: the optimizer's default, see ``effective_clip``
-    anneal: Annotated[float, Gt(0), Le(1)] = 0.5
+    # the lr is multiplied by this at each validation that does not improve; None: the cell's
+    # default, see ``anneal_for``
+    anneal: Annotated[float, Gt(0), Le(1)] | None = None
     decay: Annotated[float, Ge(0), Le(1)] = 0.3  # the lr falls linearly to 0 over this last fraction
     epochs: PositiveOrNone = None  # None: no limit where a step count or time ends the run, else 10
     max_steps: PositiveOrNone = None
@@ -331,6 +333,17 @@ class TrainConfig:
         """The learning rate used: the given one, or a default that works for the optimizer."""
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
+    def anneal_for(self, cell: Cell) -> float:
+        """The plateau annealing used: the given one, or the cell's default. The classic cells halve
+        the rate at each validation that does not improve (on a small corpus the early halvings are
+        what holds their memorisation back); the scan cells keep it (1: no annealing) and end on the
+        final decay alone: their validation swings with the place in the epoch it follows, so the
+        halvings came once an epoch from the sixth on and had cut a 30-minute run's rate to 1/64
+        by its 20th minute (docs/scan-cells.md)."""
+        if self.anneal is not None:
+            return self.anneal
+        return 1.0 if cell.scan else DEFAULT_ANNEAL
+
     @property
     def effective_clip(self) -> float:
         """The gradient-norm clip used: the given one, or the optimizer's default."""
@@ -342,6 +355,7 @@ class TrainConfig:
 # PyTorch's word_language_model), so each optimizer has its own defaults. The measurements:
 # docs/defaults.md.
 DEFAULT_EPOCHS = 10
+DEFAULT_ANNEAL = 0.5
 DEFAULT_LR = {OptimizerKind.sgd: 20.0, OptimizerKind.adam: 3e-3}
 DEFAULT_CLIP = {OptimizerKind.sgd: 0.25, OptimizerKind.adam: 1.0}
 # A fine-tuned run (--init-from) without --lr takes this fraction of the optimizer's default: at

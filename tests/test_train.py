@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlm.config import ModelConfig, OptimizerKind, RunConfig, TokenizerConfig, TrainConfig
+from charlm.config import Cell, ModelConfig, OptimizerKind, RunConfig, TokenizerConfig, TrainConfig
 from charlm.model.network import RNNLM, detach_hidden
 from charlm.runs import checkpoint, rundir
 from charlm.training.loop import fit, prepare_run, train_step
@@ -111,6 +111,30 @@ def test_plateau_anneals_the_learning_rate(
     assert [r["val_loss"] for r in records] == pytest.approx([3.0, 2.0, 2.5, 2.6, 1.9])
     # the lr logged at a validation carries the annealing of the validations before it
     assert [r["lr"] for r in records] == pytest.approx([0.004, 0.004, 0.004, 0.002, 0.001])
+
+
+@pytest.mark.parametrize(
+    ("cell", "lrs"), [("lstm", [0.004, 0.004, 0.004, 0.002, 0.001]), ("mingru", [0.004] * 5)]
+)
+def test_plateau_annealing_follows_the_cell(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch, cell: str, lrs: list[float]
+) -> None:
+    """Where ``anneal`` is not given, the classic cells halve the lr at a validation that does not
+    improve and the scan cells keep it (their final decay alone ends the run low)."""
+    from charlm.training import loop as module
+
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 1.9])
+
+    def total_nats(model: object, ids: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return torch.tensor(next(scripted) * ids.numel(), dtype=torch.float64)
+
+    monkeypatch.setattr(module, "total_nats", total_nats)
+    cfg = config(max_steps=50, lr=0.004, decay=0.0, eval_every=10)
+    cfg = dataclasses.replace(cfg, model=ModelConfig(cell=Cell(cell), hidden=32))
+    assert cfg.train.anneal is None
+    run, train_ids, val_ids = prepare_run([corpus], cfg, tmp_path / "run")
+    fit(run, train_ids, val_ids)
+    assert [r["lr"] for r in rundir.read_metrics(run.path)] == pytest.approx(lrs)
 
 
 def test_trainer_carries_the_hidden_state_between_windows(

@@ -146,7 +146,7 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Parallel token streams per step.")] = TRAIN.batch_size,
     bptt: Annotated[int, typer.Option(help="Tokens per truncated-BPTT window.")] = TRAIN.bptt,
     optimizer: Annotated[
-        OptimizerKind, typer.Option(help="adam or sgd (both clipped and annealed on plateau).")
+        OptimizerKind, typer.Option(help="adam or sgd (clipped; classic cells halve the lr on a plateau).")
     ] = TRAIN.optimizer,
     lr: Annotated[
         float | None,

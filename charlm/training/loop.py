@@ -79,7 +79,8 @@ class Trainer:
 
     Validation runs every ``eval_every`` steps, at every epoch end and at the end; an improvement
     saves ``best``, every validation (and every ``--save-every``) saves ``latest``, and a plateau
-    multiplies the learning rate by ``anneal``. A SIGINT or SIGTERM (through ``stop``) saves
+    multiplies the learning rate by the run's annealing (``TrainConfig.anneal_for``: 0.5 for the
+    classic cells, none for the scan cells). A SIGINT or SIGTERM (through ``stop``) saves
     ``latest`` at the next step boundary.
     """
 
@@ -332,7 +333,7 @@ class Trainer:
             p.stale, p.train_at_best = 0, record["train_loss"]
             tags.insert(0, checkpoint.BEST)
         else:  # validation stopped improving: anneal
-            p.plateau_scale *= self.config.anneal
+            p.plateau_scale *= self.config.anneal_for(self.run.config.model.cell)
             p.stale += 1
             self._warn_overfit(record)
         p.extra = {"val_loss": result.loss, "val_bpc": result.bpc}
