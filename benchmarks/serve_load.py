@@ -13,8 +13,9 @@ the rounds: the aggregate tokens/s (all tokens over the wall time), the p50/p99 
 token and inter-token latency (gaps between a stream's chunks), and the server's resident memory
 per stream (its peak RSS at that level over its peak with one stream, per extra stream). Beside
 each level, in every round, the server idle: ``Model.samples`` drawing that many streams in one
-batch in this process, the fair limit of a server (the same model, the same streams, no server),
-and the server's tokens/s over it ("x samples"). Then the
+batch in this process, again and again for ``--seconds`` as the level ran, the fair limit of a
+server (the same model, the same streams, no server), and the server's tokens/s over it
+("x samples"). Then the
 same levels without HTTP: the server's :class:`~charlm.serve.engine.Engine` in this process, that
 many streams of ``--tokens`` at once for ``--seconds``, so the table shows what the batched step
 itself allows (the server's tokens/s can only come near it, not above) and what the HTTP layer
@@ -171,13 +172,18 @@ def engine_alone(run: Path, prompt: str, clients: int, tokens: int, seconds: flo
         engine.stop()
 
 
-def sampler_alone(model: charlm.Model, prompt: str, clients: int, tokens: int) -> float:
+def sampler_alone(model: charlm.Model, prompt: str, clients: int, tokens: int, seconds: float) -> float:
     """Tokens/s of ``Model.samples``: ``clients`` samples of ``tokens`` drawn in one batch, in this
-    process, with the prompt and temperature of the HTTP levels. The same model drawing the same
-    streams with no server: the fair limit of the server's tokens/s at that level."""
-    start = time.perf_counter()
-    made = sum(s.tokens for s in model.samples(clients, prime=prompt, length=tokens, temperature=1.0,
-                                                seed=clients, batch=clients))  # fmt: skip
+    process, with the prompt and temperature of the HTTP levels, drawn again until ``seconds`` have
+    passed (the draw under way is finished), as a level runs for ``seconds``: one draw of 32 streams
+    takes a quarter of a second, and one draw's figure moved by a factor 1.7 between levels of one
+    run. The same model drawing the same streams with no server: the fair limit of the server's
+    tokens/s at that level."""
+    start, made, draw = time.perf_counter(), 0, 0
+    while not made or time.perf_counter() - start < seconds:
+        made += sum(s.tokens for s in model.samples(clients, prime=prompt, length=tokens, temperature=1.0,
+                                                    seed=clients + draw, batch=clients))  # fmt: skip
+        draw += 1
     return made / (time.perf_counter() - start)
 
 
@@ -245,12 +251,12 @@ def main() -> None:
             idle = rss_mb(server.pid)
             rounds: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
             sampler = charlm.load(run, device="cpu")
-            sampler_alone(sampler, args.prompt, 2, 20)  # warm-up
+            sampler_alone(sampler, args.prompt, 2, 20, 0)  # warm-up
             for _ in range(args.rounds):  # the sampler's figure beside each level's, the server idle
                 for c in levels:
                     figures = level(url, run.name, args.prompt, c, args.tokens, args.seconds, server.pid)
                     rounds[c].append(asyncio.run(figures))
-                    alone = sampler_alone(sampler, args.prompt, c, args.tokens)
+                    alone = sampler_alone(sampler, args.prompt, c, args.tokens, args.seconds)
                     rounds[c][-1]["sampler_tokens_per_s"] = round(alone, 1)
                     rounds[c][-1]["vs_sampler"] = round(rounds[c][-1]["tokens_per_s"] / alone, 3)
             results = [median_of(rounds[c]) for c in levels]
