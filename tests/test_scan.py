@@ -43,6 +43,17 @@ def test_the_parallel_scan_is_the_recurrence(steps: int, seed: int, scale: float
     torch.testing.assert_close(linear_scan(log_a, b, h0), recurrence(log_a, b, h0), rtol=1e-5, atol=1e-5)
 
 
+def test_the_scan_is_exact_float32_under_bf16_autocast() -> None:
+    """Autocast must not reach the scan's own sums (on a CPU, products with a matrix of ones)."""
+    g = torch.Generator().manual_seed(0)
+    log_a = -torch.rand(2 * CHUNK + 3, 2, 4, generator=g) * 5  # (T, B, D)
+    b, h0 = torch.randn(2 * CHUNK + 3, 2, 4, generator=g), torch.randn(2, 4, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = linear_scan(log_a, b, h0)
+    assert h.dtype == torch.float32
+    torch.testing.assert_close(h, recurrence(log_a, b, h0), rtol=1e-5, atol=1e-5)
+
+
 def tiny(cell: Cell, layers: int = 2, hidden: int = 16) -> RNNLM:
     torch.manual_seed(0)
     return RNNLM(ModelConfig(vocab_size=23, cell=cell, layers=layers, hidden=hidden, dropout=0.0)).eval()
