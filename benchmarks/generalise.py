@@ -425,7 +425,12 @@ def main() -> None:
         "--systems", default="gpt,lstm,charlm",
         help="which to run, in this order: gpt (nanoGPT's CPU recipe), lstm (word_language_model's), charlm",
     )  # fmt: skip
-    parser.add_argument("--charlm-args", default="", help="extra `charlm train` options (an ablation)")
+    parser.add_argument(
+        "--charlm-args",
+        default="",
+        help='extra `charlm train` options (an ablation), joined with "=" since they start with a dash: '
+        '--charlm-args="--dropout 0.2"',
+    )
     parser.add_argument("--gpt-steps", type=int, help="gpt: this many steps instead of the budget")
     parser.add_argument("--gpt-device", default="cpu", help="gpt: the torch device (cpu, cuda)")
     parser.add_argument("--gpt-holdout", action="store_true", help="gpt: hold out what charlm does (run_gpt)")
