@@ -134,11 +134,17 @@ class Reference(nn.Module):
 
 @torch.no_grad()
 def reference_nats(model: Reference, ids: torch.Tensor, start_id: int) -> float:
-    """Summed loss of ``ids`` in the layout ``charlm eval`` uses (32 streams, 256-step windows)."""
+    """Summed loss of ``ids`` in the layout ``charlm eval`` uses (32 streams, each after the first
+    reading the text before it, 256-step windows)."""
     from charlm.data.batches import eval_streams
+    from charlm.model.scoring import EVAL_CONTEXT, EVAL_STREAMS
 
     model.eval()
-    layout, hidden, total = eval_streams(ids, start_id, 32), None, 0.0
+    layout, hidden, total = eval_streams(ids, start_id, EVAL_STREAMS, EVAL_CONTEXT), None, 0.0
+    if layout.context.numel():
+        _, (h, c) = model(layout.context, None)
+        h[:, 0], c[:, 0] = 0.0, 0.0  # the first piece starts the text, from nothing
+        hidden = (h, c)
     for i in range(0, layout.inputs.size(0), 256):
         logits, hidden = model(layout.inputs[i : i + 256], hidden)
         total += nn.functional.cross_entropy(

@@ -52,6 +52,22 @@ def test_eval_layout_scores_every_token_exactly_once(n: int, streams: int) -> No
     assert inputs.tolist() == [0, *ids[:-1].tolist()]  # each token predicted from the one before
 
 
+@given(n=st.integers(1, 500), streams=st.integers(1, 40), context=st.integers(0, 80))
+def test_each_piece_after_the_first_reads_the_text_before_it(n: int, streams: int, context: int) -> None:
+    ids = torch.arange(1, n + 1)
+    layout = eval_streams(ids, start_id=0, streams=streams, context=context)
+    length, pieces = layout.inputs.shape
+    w = layout.context.size(0)
+    assert w == (min(context, length - 1) if pieces > 1 else 0)
+    flat = layout.inputs.t().flatten()  # every input in text order, padding after the text
+    for b in range(1, pieces):  # the W inputs just before its own, none of them the start
+        assert layout.context[:, b].tolist() == flat[b * length - w : b * length].tolist()
+        assert w == 0 or b * length - w >= 1
+    # the pieces themselves are as without a context
+    plain = eval_streams(ids, start_id=0, streams=streams)
+    assert torch.equal(layout.inputs, plain.inputs) and torch.equal(layout.targets, plain.targets)
+
+
 def test_split_keeps_a_contiguous_tail_at_a_line_start() -> None:
     text = "".join(f"line {i}\n" for i in range(1000))
     train, val = split_text(text, 0.1)

@@ -64,15 +64,21 @@ class EvalStreams:
 
     inputs/targets are (T, B); the stream is cut into B nearly equal contiguous pieces, the
     first input is the newline (a start-of-text context), and padding targets are -100 (ignored).
+    ``context`` (W, B) holds, for every piece but the first, the W inputs before its own: read
+    first and not scored, they give its first tokens the text before them, as one stream read in
+    order would (the first piece starts the text, from nothing).
     """
 
     inputs: torch.Tensor  # (T, B)
     targets: torch.Tensor  # (T, B)
     tokens: int
+    context: torch.Tensor  # (W, B); column 0 is not a context (the first piece reads none)
 
 
-def eval_streams(ids: torch.Tensor, start_id: int, streams: int) -> EvalStreams:
-    """Lay out ``ids`` (N,) so that all N tokens are predicted, each from the tokens before it."""
+def eval_streams(ids: torch.Tensor, start_id: int, streams: int, context: int = 0) -> EvalStreams:
+    """Lay out ``ids`` (N,) so that all N tokens are predicted, each from the tokens before it:
+    the pieces after the first read up to ``context`` inputs before their own (fewer where the
+    pieces are shorter than that)."""
     ids, n = ids.long(), ids.numel()
     streams = max(1, min(streams, n))
     length = -(-n // streams)  # ceil
@@ -80,9 +86,16 @@ def eval_streams(ids: torch.Tensor, start_id: int, streams: int) -> EvalStreams:
     targets = torch.full((streams * length,), -100, dtype=torch.long)
     inputs[1:n] = ids[: n - 1]
     targets[:n] = ids
+    # piece b's context: inputs b*length - w .. b*length - 1, which start at or after position 1
+    w = min(context, length - 1) if streams > 1 else 0
+    starts = torch.arange(streams) * length - w  # (B,)
+    where = (starts[None, :] + torch.arange(w)[:, None]).clamp(min=0)  # (W, B)
     # (B, T) -> (T, B): stream b holds tokens b*length .. (b+1)*length-1
     return EvalStreams(
-        inputs.view(streams, length).t().contiguous(), targets.view(streams, length).t().contiguous(), n
+        inputs.view(streams, length).t().contiguous(),
+        targets.view(streams, length).t().contiguous(),
+        n,
+        inputs[where],
     )
 
 

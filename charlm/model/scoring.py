@@ -23,10 +23,14 @@ import torch
 from charlm.config import DYNAMIC_DECAY, DYNAMIC_LR, DYNAMIC_WINDOW
 from charlm.data.batches import eval_streams
 from charlm.data.tokenizer import Tokenizer
-from charlm.model.network import RNNLM, detach_hidden
+from charlm.model.network import RNNLM, Hidden, detach_hidden
 
 EVAL_STREAMS = 32
 EVAL_WINDOW = 256
+# Tokens each piece after the first reads before its own, unscored (see eval_streams): without
+# them, the first tokens of 31 of the 32 pieces were predicted from nothing, which no reader of
+# the text in order is, and the figure depended on the layout.
+EVAL_CONTEXT = 128
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ def evaluate(
     streams: int = EVAL_STREAMS,
     window: int = EVAL_WINDOW,
     autocast: torch.dtype | None = None,
+    context: int = EVAL_CONTEXT,
 ) -> EvalResult:
     """Score ``ids`` (N,), the encoding of a text of ``characters`` characters.
 
@@ -72,7 +77,7 @@ def evaluate(
     figure, in training and in ``charlm eval``. ``autocast`` (bf16) runs the model's matrix
     products in that dtype, as the run trained; the loss is summed in fp32 and fp64.
     """
-    total = total_nats(model, ids, start_id, streams, window, autocast)
+    total = total_nats(model, ids, start_id, streams, window, autocast, context=context)
     return score(total.item(), ids.numel(), characters)
 
 
@@ -85,6 +90,7 @@ def total_nats(
     window: int = EVAL_WINDOW,
     autocast: torch.dtype | None = None,
     part: tuple[int, int] = (0, 1),
+    context: int = EVAL_CONTEXT,
 ) -> torch.Tensor:
     """The summed loss (nats, a float64 scalar on the model's device) of ``ids`` (N,) in the
     layout of :func:`evaluate`, or of part ``i`` of ``n`` of its streams (``part=(i, n)``): the
@@ -92,10 +98,15 @@ def total_nats(
     was_training = model.training
     model.eval()
     device = model.device
-    layout = eval_streams(ids, start_id, streams)
+    layout = eval_streams(ids, start_id, streams, context)
     columns = torch.tensor_split(torch.arange(layout.inputs.size(1)), part[1])[part[0]]
     hidden = None
     total = torch.zeros((), dtype=torch.float64, device=device)
+    if layout.context.numel() and columns.numel():  # each piece reads the text before it, unscored
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            _, hidden = model.features(layout.context[:, columns].to(device), None)  # (W, b) read
+        if columns[0] == 0:  # the first piece starts the text: from nothing
+            hidden = _restart(hidden, 0)
     for i in range(0, layout.inputs.size(0) if columns.numel() else 0, window):
         x = layout.inputs[i : i + window, columns].to(device)  # (w, b)
         y = layout.targets[i : i + window, columns].to(device)  # (w, b)
@@ -104,6 +115,15 @@ def total_nats(
             total += model.loss(output, y, reduction="sum").double()
     model.train(was_training)
     return total
+
+
+def _restart(hidden: Hidden, stream: int) -> Hidden:
+    """``hidden`` with stream ``stream``'s state zero, as a stream that has read nothing has it."""
+    if isinstance(hidden, tuple):
+        return tuple(_restart(h, stream) for h in hidden)  # type: ignore[return-value]
+    hidden = hidden.clone()
+    hidden[:, stream] = 0
+    return hidden
 
 
 def evaluate_text(
