@@ -120,7 +120,7 @@ def train(
         float | None,
         typer.Option(
             help=f"Locked dropout on embeddings, between layers (classic cells) and before the decoder "
-            f"(default: {_by_cell('dropout')}; scan cells: 0.1 on a corpus of up to 2M tokens).",
+            f"(default: {_by_cell('dropout')}).",
             show_default=False,
         ),
     ] = None,
