@@ -73,9 +73,12 @@ def evaluate(
     """Score ``ids`` (N,), the encoding of a text of ``characters`` characters.
 
     The text is cut into ``streams`` contiguous pieces evaluated in parallel, the hidden state
-    carried across windows; the layout depends only on N, so the same text always gets the same
-    figure, in training and in ``charlm eval``. ``autocast`` (bf16) runs the model's matrix
-    products in that dtype, as the run trained; the loss is summed in fp32 and fp64.
+    carried across windows; each piece after the first reads the ``context`` tokens before it
+    first, unscored, so the figure is that of one stream reading the text in order (for a model
+    whose memory is shorter than ``context``, exactly). The layout depends only on N, so the
+    same text always gets the same figure, in training and in ``charlm eval``. ``autocast``
+    (bf16) runs the model's matrix products in that dtype, as the run trained; the loss is summed
+    in fp32 and fp64.
     """
     total = total_nats(model, ids, start_id, streams, window, autocast, context=context)
     return score(total.item(), ids.numel(), characters)
