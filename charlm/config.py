@@ -288,6 +288,13 @@ class ModelConfig:
             )
 
 
+# Tokens each of the 32 pieces of a scored text after the first reads before its own, unscored
+# (see charlm.data.batches.eval_streams): without them, the first tokens of 31 of the 32 pieces
+# were predicted from nothing, which no reader of the text in order is, and the figure depended on
+# the layout. A run records the value its validation used (TrainConfig.eval_context).
+EVAL_CONTEXT = 128
+
+
 @config
 class TrainConfig:
     """How to train: batching, optimizer, schedule, stopping and evaluation."""
@@ -308,6 +315,10 @@ class TrainConfig:
     # held out in this many pieces spread over the corpus (1: its tail), see held_out_ranges
     val_pieces: Positive = 20
     eval_every: Positive = 500
+    # what validation's pieces read before their own (EVAL_CONTEXT); a run trained before it
+    # existed validated with none, and a resumed one goes on so, or its first validation would
+    # beat its best by the change of layout alone
+    eval_context: Annotated[int, Ge(0)] = EVAL_CONTEXT
     save_steps: PositiveOrNone = None  # save ``latest`` every this many steps ...
     save_seconds: PositiveFloatOrNone = 300.0  # ... or seconds (and at every validation)
     weight_decay: Annotated[float, Ge(0)] = 0.0  # decoupled (AdamW), or L2 with SGD
@@ -392,7 +403,7 @@ class RunConfig:
             return cls(
                 tokenizer=TokenizerConfig(**data["tokenizer"]),
                 model=ModelConfig(**{**_BEFORE_REGULARISATION, **data["model"]}),
-                train=TrainConfig(**{**_BEFORE_REGULARISATION_TRAIN, **data["train"]}),
+                train=TrainConfig(**{**_BEFORE_TRAIN, **data["train"]}),
                 corpus=tuple(data.get("corpus", ())),
             )
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
@@ -401,7 +412,8 @@ class RunConfig:
 
 # Runs saved before these fields existed trained without them; their configs still mean that.
 _BEFORE_REGULARISATION = {"weight_drop": 0.0}  # model
-_BEFORE_REGULARISATION_TRAIN = {"weight_decay": 0.0, "val_pieces": 1}  # train: they held out the tail
+# train: they held out the tail, and validated in pieces that read nothing before their own
+_BEFORE_TRAIN = {"weight_decay": 0.0, "val_pieces": 1, "eval_context": 0}
 
 
 def _plain(value: Any) -> Any:

@@ -46,19 +46,42 @@ def test_an_old_run_scores_the_same(old_run: Path, data: str, key: str) -> None:
     text = (old_run / data).read_text(encoding="utf-8")
     ids = torch.from_numpy(model.run.tokenizer.encode_array(text))
     then = evaluate(model.network, ids, len(text), model.run.tokenizer.newline_id, context=0)
-    for name, value in expected()[key].items():
-        assert getattr(then, name, value) == value, name
     args = ["--data", old_run / data] if data == "base.txt" else []  # else its held-out split
     printed = json.loads(invoke("eval", old_run, "--json", "--precision", "fp32", *args).stdout)
+    for name, value in expected()[key].items():  # the precision is the CLI's, the rest the score's
+        assert (printed[name] if name == "precision" else getattr(then, name)) == value, name
     now = evaluate(model.network, ids, len(text), model.run.tokenizer.newline_id)
     assert (printed["tokens"], printed["loss"], printed["bpc"]) == (now.tokens, now.loss, now.bpc)
     assert now.loss != then.loss
 
 
 def test_an_old_run_resumes(old_run: Path) -> None:
-    result = invoke("train", old_run / "corpus.txt", "--out", old_run, "--resume", "--max-steps", "40")
+    """It goes on, and validates as it did (pieces reading nothing before their own): scored the
+    way runs are now, its first validation would beat its best by the change of layout alone."""
+    from charlm.model.scoring import evaluate
+
+    args = ["--resume", "--max-steps", "40", "--precision", "fp32"]
+    result = invoke("train", old_run / "corpus.txt", "--out", old_run, *args)
     assert result.exit_code == 0, result.output
     assert "resuming" in result.output and "max_steps: 40 steps" in result.output
-    assert [r["step"] for r in map(json.loads, (old_run / "metrics.jsonl").read_text().splitlines())] == [
-        10, 20, 30, 40,
-    ]  # fmt: skip
+    records = [json.loads(line) for line in (old_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    model = charlm.load(old_run, checkpoint="latest")  # the weights step 40 validated
+    assert model.run.config.train.eval_context == 0
+    text = (old_run / "heldout.txt").read_text(encoding="utf-8")
+    ids = torch.from_numpy(model.run.tokenizer.encode_array(text))
+    newline = model.run.tokenizer.newline_id
+    as_then = evaluate(model.network, ids, len(text), newline, context=0)
+    as_now = evaluate(model.network, ids, len(text), newline)
+    assert records[-1]["val_loss"] == pytest.approx(as_then.loss, rel=1e-6)
+    assert records[-1]["val_loss"] != pytest.approx(as_now.loss, rel=1e-6)
+
+
+def test_a_new_run_records_what_its_validation_reads(tmp_path: Path) -> None:
+    from charlm.config import EVAL_CONTEXT
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 20, encoding="utf-8")
+    args = ["--hidden", "16", "--layers", "1", "--batch-size", "4", "--bptt", "16", "--max-steps", "2"]
+    assert invoke("train", corpus, "--out", tmp_path / "r", *args).exit_code == 0
+    assert charlm.load(tmp_path / "r").run.config.train.eval_context == EVAL_CONTEXT > 0

@@ -46,9 +46,10 @@ def test_evaluation_does_not_depend_on_window_size() -> None:
 
 @pytest.mark.parametrize("cell", [Cell.mingru, Cell.lstm])
 def test_pieces_that_read_the_text_before_them_score_as_one_stream(cell: Cell) -> None:
-    """A model that forgets all but its last few tokens scores a text in 32 pieces, each after the
-    first reading the 64 tokens before it, as one stream reading it in order would; without that
-    context the first tokens of 31 pieces are predicted from nothing, and the figure differs."""
+    """A model that forgets all but its last few tokens scores a text in 32 pieces of 125 tokens,
+    each after the first reading the 64 tokens before it, as one stream reading it in order would;
+    without that context the first tokens of 31 pieces are predicted from nothing, and the figure
+    differs."""
     torch.manual_seed(0)
     model = RNNLM(ModelConfig(vocab_size=11, cell=cell, hidden=8, embed=8, layers=1, dropout=0.0))
     with torch.no_grad():
@@ -56,10 +57,10 @@ def test_pieces_that_read_the_text_before_them_score_as_one_stream(cell: Cell) -
             p.mul_(4)
         if cell is Cell.mingru:  # every step keeps exp(-5) of its past: gone after a few tokens
             model.rnn.blocks[0].mix.bias[:8] = 30.0
-        else:  # forget gates shut
+        else:  # forget gates shut: the cell forgets at once, and what h carries fades through W_hh
             model.rnn.bias_ih_l0[8:16] = -30.0
             model.rnn.bias_hh_l0[8:16] = 0.0
-    ids = torch.randint(0, 11, (2000,), generator=torch.Generator().manual_seed(1))
-    one = evaluate(model, ids, 2000, 0, streams=1).loss
-    assert evaluate(model, ids, 2000, 0, streams=32, context=64).loss == pytest.approx(one, rel=1e-6)
-    assert evaluate(model, ids, 2000, 0, streams=32, context=0).loss != pytest.approx(one, rel=1e-6)
+    ids = torch.randint(0, 11, (4000,), generator=torch.Generator().manual_seed(1))
+    one = evaluate(model, ids, 4000, 0, streams=1).loss
+    assert evaluate(model, ids, 4000, 0, streams=32, context=64).loss == pytest.approx(one, rel=1e-6)
+    assert evaluate(model, ids, 4000, 0, streams=32, context=0).loss != pytest.approx(one, rel=1e-6)

@@ -77,8 +77,8 @@ class EvalStreams:
 
 def eval_streams(ids: torch.Tensor, start_id: int, streams: int, context: int = 0) -> EvalStreams:
     """Lay out ``ids`` (N,) so that all N tokens are predicted, each from the tokens before it:
-    the pieces after the first read up to ``context`` inputs before their own (fewer where the
-    pieces are shorter than that)."""
+    the pieces after the first read up to ``context`` inputs before their own (the piece before
+    theirs, where pieces are shorter than that: a text of up to 32 x 128 tokens)."""
     ids, n = ids.long(), ids.numel()
     streams = max(1, min(streams, n))
     length = -(-n // streams)  # ceil
@@ -86,8 +86,9 @@ def eval_streams(ids: torch.Tensor, start_id: int, streams: int, context: int = 
     targets = torch.full((streams * length,), -100, dtype=torch.long)
     inputs[1:n] = ids[: n - 1]
     targets[:n] = ids
-    # piece b's context: inputs b*length - w .. b*length - 1, which start at or after position 1
-    w = min(context, length - 1) if streams > 1 else 0
+    # piece b's context: inputs b*length - w .. b*length - 1 (for the second piece at most the
+    # first's inputs, the start of text included)
+    w = min(context, length) if streams > 1 else 0
     starts = torch.arange(streams) * length - w  # (B,)
     where = (starts[None, :] + torch.arange(w)[:, None]).clamp(min=0)  # (W, B)
     # (B, T) -> (T, B): stream b holds tokens b*length .. (b+1)*length-1

@@ -20,17 +20,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from charlm.config import DYNAMIC_DECAY, DYNAMIC_LR, DYNAMIC_WINDOW
+from charlm.config import DYNAMIC_DECAY, DYNAMIC_LR, DYNAMIC_WINDOW, EVAL_CONTEXT
 from charlm.data.batches import eval_streams
 from charlm.data.tokenizer import Tokenizer
 from charlm.model.network import RNNLM, Hidden, detach_hidden
 
 EVAL_STREAMS = 32
 EVAL_WINDOW = 256
-# Tokens each piece after the first reads before its own, unscored (see eval_streams): without
-# them, the first tokens of 31 of the 32 pieces were predicted from nothing, which no reader of
-# the text in order is, and the figure depended on the layout.
-EVAL_CONTEXT = 128
 
 
 @dataclass(frozen=True)
@@ -74,11 +70,11 @@ def evaluate(
 
     The text is cut into ``streams`` contiguous pieces evaluated in parallel, the hidden state
     carried across windows; each piece after the first reads the ``context`` tokens before it
-    first, unscored, so the figure is that of one stream reading the text in order (for a model
-    whose memory is shorter than ``context``, exactly). The layout depends only on N, so the
-    same text always gets the same figure, in training and in ``charlm eval``. ``autocast``
-    (bf16) runs the model's matrix products in that dtype, as the run trained; the loss is summed
-    in fp32 and fp64.
+    first (at most the piece before it), unscored, so the figure is that of one stream reading the
+    text in order (for a model whose memory is shorter than what each piece reads, exactly). The
+    layout depends only on N, so the same text always gets the same figure, in training and in
+    ``charlm eval``. ``autocast`` (bf16) runs the model's matrix products in that dtype, as the
+    run trained; the loss is summed in fp32 and fp64.
     """
     total = total_nats(model, ids, start_id, streams, window, autocast, context=context)
     return score(total.item(), ids.numel(), characters)

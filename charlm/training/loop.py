@@ -310,8 +310,9 @@ class Trainer:
             return False
         part = (self.ranks.rank, self.ranks.world)  # each rank scores its share of the streams
         total = total_nats(
-            self.model, self.val_ids, self.run.tokenizer.newline_id, autocast=self.autocast, part=part
-        )
+            self.model, self.val_ids, self.run.tokenizer.newline_id, autocast=self.autocast, part=part,
+            context=self.config.eval_context,
+        )  # fmt: skip
         result = score(all_reduce(total, self.ranks).item(), self.val_ids.numel(), self.val_chars)
         loss_sum = all_reduce(self.state.loss_sum.clone(), self.ranks) / self.ranks.world
         if not math.isfinite(result.loss):
