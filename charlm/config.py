@@ -229,8 +229,8 @@ CELL_DEFAULTS: dict[Cell, dict[str, Any]] = {
 # A scan model reads a corpus of this many tokens or fewer several times over in a budget of
 # minutes, and memorises it unless held back: there it trains with weight decay 0.3 (where the
 # user did not set it, and with Adam only); on a larger corpus with 0.1. Neither adds dropout: on
-# tinyshakespeare, dropout 0.1 beside weight decay 0.3 lost 0.026 / 0.007 bpc in 10 minutes (medians
-# of three and five runs). The measurements behind both: docs/scan-cells.md.
+# tinyshakespeare, dropout 0.1 beside weight decay 0.3 lost 0.025 / 0.007 bpc in 10 minutes (medians
+# of three and six runs). The measurements behind both: docs/scan-cells.md.
 SMALL_CORPUS_TOKENS = 2_000_000
 SMALL_CORPUS_REGULARISATION = {"weight_decay": 0.3}
 LARGE_CORPUS_REGULARISATION = {"weight_decay": 0.1}
