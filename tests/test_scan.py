@@ -138,22 +138,59 @@ def test_a_scan_run_trains_samples_and_keeps_a_small_state(tmp_path: Path, corpu
     assert scored.exit_code == 0 and "bits per character" in scored.stdout
 
 
-def test_a_scan_run_on_a_small_corpus_is_regularised_and_says_why(tmp_path: Path, corpus: Path) -> None:
+def test_a_scan_run_is_regularised_by_its_passes_and_says_why(tmp_path: Path, corpus: Path) -> None:
     import json
 
-    args = ["--hidden", "16", "--layers", "1", "--batch-size", "4", "--bptt", "16", "--max-steps", "2"]
-    result = invoke("train", corpus, "--out", tmp_path / "a", *args)
+    from charlm.config import weight_decay_for
+
+    args = ["--hidden", "16", "--layers", "1", "--batch-size", "4", "--bptt", "16", "--eval-every", "2"]
+    result = invoke("train", corpus, "--out", tmp_path / "a", "--max-steps", "2", *args)
     assert result.exit_code == 0, result.output
-    assert "weight decay 0.3 against memorising it" in result.output
+    assert "weight decay follows the passes this run makes" in result.output
     saved = json.loads((tmp_path / "a" / "run.json").read_text())["config"]
-    assert (saved["model"]["dropout"], saved["train"]["weight_decay"]) == (0.0, 0.3)
+    assert (saved["model"]["dropout"], saved["train"]["weight_decay"]) == (0.0, None)  # set as it goes
+    # a run of 2 steps of 4 x 16 tokens on this corpus makes a fraction of a pass: 0.1, said up front
+    assert "this run: 0.0" in result.output and "weight decay 0.1)" in result.output
+    logged = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["weight_decay"] == pytest.approx(0.1)
+    # three epochs: 0.1185, in the optimizer the run saved
+    result = invoke("train", corpus, "--out", tmp_path / "e", "--epochs", "3", *args)
+    assert result.exit_code == 0, result.output
+    state = json.loads((tmp_path / "e" / "latest" / "state.json").read_text())
+    decays = [g["weight_decay"] for g in state["optimizer"]["param_groups"]]
+    assert decays == pytest.approx([weight_decay_for(3.0)]) and "this run: 3 passes" in result.output
     # what the user sets stays theirs; the classic cells keep their defaults
-    result = invoke("train", corpus, "--out", tmp_path / "b", "--weight-decay", "0.05", *args)
-    assert "against memorising" not in result.output
+    own = ["--weight-decay", "0.05", "--max-steps", "2"]
+    result = invoke("train", corpus, "--out", tmp_path / "b", *own, *args)
+    assert "weight decay follows" not in result.output
     saved = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
     assert saved["train"]["weight_decay"] == 0.05
-    result = invoke("train", corpus, "--out", tmp_path / "c", "--cell", "lstm", *args)
-    assert "against memorising" not in result.output
+    result = invoke("train", corpus, "--out", tmp_path / "c", "--cell", "lstm", "--max-steps", "2", *args)
+    assert "weight decay follows" not in result.output
+
+
+@given(st.floats(0, 1000), st.floats(0, 1000))
+def test_weight_decay_rises_with_the_passes_between_its_ends(a: float, b: float) -> None:
+    from charlm.config import WEIGHT_DECAY_BY_PASSES, weight_decay_for
+
+    low, high = sorted((a, b))
+    assert 0.1 <= weight_decay_for(low) <= weight_decay_for(high) <= 0.3
+    for passes, decay in WEIGHT_DECAY_BY_PASSES:  # through its points
+        assert weight_decay_for(passes) == pytest.approx(decay)
+
+
+def test_a_run_knows_its_passes_from_its_steps_or_foresees_them_from_its_time() -> None:
+    from charlm.config import TrainConfig
+    from charlm.training.schedule import Clock
+
+    assert Clock(TrainConfig(max_steps=50), steps_per_epoch=10).passes(0) == 5.0
+    assert Clock(TrainConfig(epochs=3), steps_per_epoch=10).passes(7) == 3.0
+    timed = Clock(TrainConfig(max_time=60.0), steps_per_epoch=10)
+    assert timed.passes(0, elapsed=0.0) == 0.0  # nothing to go by yet
+    assert timed.passes(30, elapsed=20.0) == pytest.approx(9.0)  # 3 passes in a third of the time
+    # a step count that ends the run first: the smaller
+    both = Clock(TrainConfig(max_time=60.0, max_steps=40), steps_per_epoch=10)
+    assert both.passes(30, elapsed=20.0) == pytest.approx(4.0)
 
 
 def test_a_timed_run_has_no_epoch_limit_unless_given() -> None:
@@ -173,7 +210,7 @@ def test_options_a_scan_cell_has_no_use_for_are_refused() -> None:
             ModelConfig(cell=Cell.mingru, **option)
 
 
-def test_sgd_gets_no_weight_decay_from_the_corpus_rule() -> None:
+def test_sgd_gets_no_weight_decay_from_the_passes_rule() -> None:
     """SGD's weight decay is L2 at lr 20: the rule's 0.3 would blow the weights up."""
     from charlm.config import OptimizerKind, RunConfig, TokenizerConfig, TrainConfig, fit_to_corpus
 
@@ -182,3 +219,5 @@ def test_sgd_gets_no_weight_decay_from_the_corpus_rule() -> None:
     )
     fitted, why = fit_to_corpus(config, 1000, given=())
     assert fitted.train.weight_decay == 0.0 and why is None  # nothing chosen, nothing said
+    with pytest.raises(ConfigError, match="is for adam"):
+        TrainConfig(optimizer=OptimizerKind.sgd, weight_decay=None)

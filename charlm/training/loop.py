@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from charlm.config import weight_decay_for
 from charlm.data.batches import count_windows, window
 from charlm.device import resolve_device, resolve_precision
 from charlm.errors import Notice, TrainingError
@@ -208,7 +209,7 @@ class Trainer:
         """Train on one window (T, B); a non-finite step is skipped, and a run of them restores
         the last good state with a lower learning rate."""
         p, tc = self.progress, self.config
-        self._set_lr()
+        self._set_schedule()
         compiled = self.compiled is not None and x.size(0) == tc.bptt
         if compiled and not self._compile_tried:
             self.cb.on_status("compiling the training step (a minute the first time, seconds once cached)")
@@ -278,14 +279,20 @@ class Trainer:
             f"{p.recovery_scale:g}"
         )
 
-    def _set_lr(self) -> None:
+    def _set_schedule(self) -> None:
         """Peak LR x plateau annealing x recovery x the final decay of a run whose end is known,
-        from the state before the step (so a resumed run sets the same value)."""
+        and, where the config leaves it to the run, the weight decay for the passes it will make
+        (:func:`~charlm.config.weight_decay_for`), from the state before the step (so a resumed
+        run sets the same values)."""
         p = self.progress
-        elapsed = self._elapsed if self.ranks.distributed else None  # the agreed time: the same lr everywhere
+        elapsed = self._elapsed if self.ranks.distributed else None  # the agreed time: the same everywhere
         scale = lr_scale(self.clock.fraction(p.step, elapsed), self.config.decay)
+        decay = self.config.weight_decay
+        if decay is None:
+            decay = weight_decay_for(self.clock.passes(p.step, elapsed))
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.effective_lr * p.plateau_scale * p.recovery_scale * scale
+            group["weight_decay"] = decay
 
     def _report(self, loss: torch.Tensor) -> None:
         p, clock, nats = self.progress, self.clock, loss.item()
@@ -323,7 +330,8 @@ class Trainer:
             "step": p.step, "epoch": p.epoch, "tokens": p.tokens,
             "train_loss": (loss_sum / max(p.loss_steps, 1)).item(),
             "val_loss": result.loss, "val_ppl": result.perplexity, "val_bpc": result.bpc,
-            "lr": self.lr, "grad_norm": float(self.state.grad_norm),
+            "lr": self.lr, "weight_decay": float(self.optimizer.param_groups[0]["weight_decay"]),
+            "grad_norm": float(self.state.grad_norm),
             "clipped_fraction": p.clipped_steps / max(p.loss_steps, 1), "skipped_steps": p.skipped_steps,
             "tokens_per_sec": p.tokens / max(self.clock.elapsed(), 1e-9), "elapsed": self.clock.elapsed(),
         }  # fmt: skip

@@ -31,6 +31,7 @@ class Clock:
         if config.epoch_limit is not None:
             limits.append(config.epoch_limit * steps_per_epoch)
         self.total_steps = max(1, min(limits)) if limits else None  # None: the time ends the run
+        self.steps_per_epoch = steps_per_epoch
         self._mark = (time.monotonic(), -1)
 
     def elapsed(self) -> float:
@@ -41,6 +42,15 @@ class Clock:
         if self.config.max_time:
             done = max(done, (self.elapsed() if elapsed is None else elapsed) / self.config.max_time)
         return min(done, 1.0)
+
+    def passes(self, step: int, elapsed: float | None = None) -> float:
+        """The passes over the corpus the run will have made at its end, as far as can be told
+        before ``step``: exact where a number of steps or epochs ends it; where its time may end it
+        first, the passes so far over the fraction of the run gone (0 before its first step)."""
+        if self.total_steps is not None and not self.config.max_time:
+            return self.total_steps / self.steps_per_epoch
+        fraction = self.fraction(step, elapsed)
+        return step / self.steps_per_epoch / fraction if fraction > 0 else 0.0
 
     def rate(self, tokens: int) -> float:
         now, (then, before) = time.monotonic(), self._mark

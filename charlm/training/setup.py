@@ -181,10 +181,12 @@ def build_model(config: RunConfig, train_ids: torch.Tensor, device: torch.device
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Plain SGD (the char-rnn / word_language_model recipe, with clipping) or Adam."""
+    """Plain SGD (the char-rnn / word_language_model recipe, with clipping) or Adam. A weight decay
+    left to the run (None) is set before each step by the trainer."""
+    decay = config.weight_decay or 0.0
     if config.optimizer is OptimizerKind.adam:
-        return torch.optim.AdamW(model.parameters(), lr=config.effective_lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=config.effective_lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=config.effective_lr, weight_decay=decay)
+    return torch.optim.SGD(model.parameters(), lr=config.effective_lr, weight_decay=decay)
 
 
 def distribute(model: RNNLM, device: torch.device, ranks: Ranks, seed: int) -> nn.Module:
