@@ -232,10 +232,11 @@ CELL_DEFAULTS: dict[Cell, dict[str, Any]] = {
 # did not set it, and with Adam only): a corpus read a few times cannot be learned by heart, and
 # regularising it costs more than it saves; one read dozens of times is learned by heart unless
 # held back. (passes, weight decay) points, log-linear between them, flat beyond: 0.1 up to 2
-# passes, 0.15 at 6, 0.3 from 10. Measured on tinyshakespeare and python-stdlib: 0.1 beat 0.3 on a
-# corpus read about twice; at six passes 0.15 was level with 0.3 on the validation slice and
-# better on the test slice; at ten passes and at seventeen, 0.3 beat 0.1 and 0.15 by far
-# (docs/scan-cells.md). None of them adds dropout: on tinyshakespeare, dropout 0.1 beside weight
+# passes, 0.15 at 6, 0.3 from 10. Measured on tinyshakespeare and python-stdlib
+# (docs/scan-cells.md): on python-stdlib read about twice, 0.1 was level with none and far ahead
+# of 0.3 with dropout; on tinyshakespeare read once in 2 minutes, 0.1 beat 0.3; at about six
+# passes, 0.15 and 0.3 were level; at nine passes 0.3 beat 0.1 and 1.0, and at seventeen 0.3 beat
+# 0.15 by far. None of them adds dropout: on tinyshakespeare, dropout 0.1 beside weight
 # decay 0.3 lost 0.025 / 0.007 bpc in 10 minutes (medians of three and six runs).
 WEIGHT_DECAY_BY_PASSES = ((2.0, 0.1), (6.0, 0.15), (10.0, 0.3))
 
@@ -313,7 +314,12 @@ EVAL_CONTEXT = 128
 
 @config
 class TrainConfig:
-    """How to train: batching, optimizer, schedule, stopping and evaluation."""
+    """How to train: batching, optimizer, schedule, stopping and evaluation.
+
+    ``weight_decay`` None (a scan cell's default with Adam, where the command does not set it)
+    sets the weight decay before each step by the passes the run will make over its corpus
+    (:func:`weight_decay_for`): known from the start where a number of steps or epochs ends the
+    run, foreseen from the passes made in the time gone where ``max_time`` may end it first."""
 
     batch_size: Positive = 32
     bptt: Positive = 64
@@ -462,15 +468,20 @@ def fit_to_corpus(config: RunConfig, tokens: int, given: Collection[str]) -> tup
     train = config.train
     if not config.model.cell.scan or "weight_decay" in given or train.optimizer is OptimizerKind.sgd:
         return config, None
-    rule = ", ".join(f"{w:g} at {p:g}" for p, w in WEIGHT_DECAY_BY_PASSES)
-    passes = ""
-    if train.max_time is None:  # its end is a number of steps: its passes are known now
-        limits = [train.max_steps * train.batch_size * train.bptt / max(tokens, 1)] if train.max_steps else []
-        limits += [train.epoch_limit] if train.epoch_limit is not None else []
-        passes = f"; this run: {min(limits):.3g} passes, weight decay {weight_decay_for(min(limits)):.3g}"
+    rule = ", ".join(f"{w:g} {'up to' if k == 0 else 'from' if k == 2 else 'at'} {p:g}"
+                     for k, (p, w) in enumerate(WEIGHT_DECAY_BY_PASSES))  # fmt: skip
+    # the passes as the trainer counts them: steps over windows per epoch (B streams of N // B)
+    windows = max(1, -(-(tokens // train.batch_size - 1) // train.bptt))
+    limits = [train.max_steps / windows] if train.max_steps else []
+    limits += [train.epoch_limit] if train.epoch_limit is not None else []
+    if train.max_time is None:
+        known = f"this run: {min(limits):.3g} passes, weight decay {weight_decay_for(min(limits)):.3g}"
+    else:  # foreseen before each step from the passes made in the time gone
+        most = f", at most {min(limits):.3g} passes" if limits else ""
+        known = f"this run: foreseen from its speed as it goes{most}; metrics.jsonl records it"
     why = (
-        f"weight decay follows the passes this run makes over its {tokens:,} tokens, against "
-        f"memorising a corpus it reads many times ({rule} passes{passes})"
+        f"weight decay follows the passes this run makes over its {tokens:,} tokens, higher the more "
+        f"often it reads them ({rule} passes, log-linear between; {known})"
     )
     return dataclasses.replace(config, train=dataclasses.replace(train, weight_decay=None)), why
 

@@ -138,34 +138,51 @@ def test_a_scan_run_trains_samples_and_keeps_a_small_state(tmp_path: Path, corpu
     assert scored.exit_code == 0 and "bits per character" in scored.stdout
 
 
-def test_a_scan_run_is_regularised_by_its_passes_and_says_why(tmp_path: Path, corpus: Path) -> None:
+def test_a_scan_run_is_regularised_by_its_passes_and_says_why(
+    tmp_path: Path, corpus: Path, corpus_text: str
+) -> None:
     import json
 
     from charlm.config import weight_decay_for
 
-    args = ["--hidden", "16", "--layers", "1", "--batch-size", "4", "--bptt", "16", "--eval-every", "2"]
-    result = invoke("train", corpus, "--out", tmp_path / "a", "--max-steps", "2", *args)
+    def logged(run: Path) -> list[float]:
+        return [json.loads(line)["weight_decay"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    small = ["--hidden", "16", "--layers", "1"]
+    args = [*small, "--batch-size", "4", "--bptt", "16", "--max-steps", "2"]
+    result = invoke("train", corpus, "--out", tmp_path / "a", *args)
     assert result.exit_code == 0, result.output
     assert "weight decay follows the passes this run makes" in result.output
     saved = json.loads((tmp_path / "a" / "run.json").read_text())["config"]
     assert (saved["model"]["dropout"], saved["train"]["weight_decay"]) == (0.0, None)  # set as it goes
-    # a run of 2 steps of 4 x 16 tokens on this corpus makes a fraction of a pass: 0.1, said up front
+    # 2 steps of 4 x 16 tokens read a fraction of this corpus: 0.1, said up front
     assert "this run: 0.0" in result.output and "weight decay 0.1)" in result.output
-    logged = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1]["weight_decay"] == pytest.approx(0.1)
-    # three epochs: 0.1185, in the optimizer the run saved
-    result = invoke("train", corpus, "--out", tmp_path / "e", "--epochs", "3", *args)
+    assert logged(tmp_path / "a") == [pytest.approx(0.1)]
+    refused = invoke("train", corpus, "--out", tmp_path / "a", "--resume", "--weight-decay", "0.3", *args)
+    assert refused.exit_code != 0 and "weight-decay is by the passes in this run; 0.3 given" in refused.output
+    # three epochs: between the rule's points, in what the run logged and in the optimizer it saved
+    result = invoke("train", corpus, "--out", tmp_path / "e", "--epochs", "3", *small, "--bptt", "128")
     assert result.exit_code == 0, result.output
+    assert "this run: 3 passes, weight decay 0.118" in result.output
+    three = pytest.approx(weight_decay_for(3.0))
+    assert logged(tmp_path / "e") == [three] * 3  # a validation at each epoch's end
     state = json.loads((tmp_path / "e" / "latest" / "state.json").read_text())
-    decays = [g["weight_decay"] for g in state["optimizer"]["param_groups"]]
-    assert decays == pytest.approx([weight_decay_for(3.0)]) and "this run: 3 passes" in result.output
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [three]
+    # a time budget foresees its passes from its speed: 600 characters are read dozens
+    # of times in three seconds, so the last steps are at the rule's highest
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text(corpus_text[:600], encoding="utf-8")
+    timed = [*small, "--batch-size", "2", "--bptt", "16", "--max-time", "3s", "--eval-every", "100000"]
+    result = invoke("train", tiny, "--out", tmp_path / "t", *timed)
+    assert result.exit_code == 0, result.output
+    assert "foreseen from its speed as it goes" in result.output
+    assert logged(tmp_path / "t")[-1] == pytest.approx(0.3)
     # what the user sets stays theirs; the classic cells keep their defaults
-    own = ["--weight-decay", "0.05", "--max-steps", "2"]
-    result = invoke("train", corpus, "--out", tmp_path / "b", *own, *args)
+    result = invoke("train", corpus, "--out", tmp_path / "b", "--weight-decay", "0.05", *args)
     assert "weight decay follows" not in result.output
     saved = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
     assert saved["train"]["weight_decay"] == 0.05
-    result = invoke("train", corpus, "--out", tmp_path / "c", "--cell", "lstm", "--max-steps", "2", *args)
+    result = invoke("train", corpus, "--out", tmp_path / "c", "--cell", "lstm", *args)
     assert "weight decay follows" not in result.output
 
 
@@ -177,6 +194,7 @@ def test_weight_decay_rises_with_the_passes_between_its_ends(a: float, b: float)
     assert 0.1 <= weight_decay_for(low) <= weight_decay_for(high) <= 0.3
     for passes, decay in WEIGHT_DECAY_BY_PASSES:  # through its points
         assert weight_decay_for(passes) == pytest.approx(decay)
+    assert weight_decay_for(12**0.5) == pytest.approx(0.125)  # log-linear: halfway between 2 and 6
 
 
 def test_a_run_knows_its_passes_from_its_steps_or_foresees_them_from_its_time() -> None:

@@ -76,7 +76,7 @@ class Plan:
     # or a fine-tuned run's, whose tokenizer and model are its parent's; resume: the saved config
     # with the changes a resumed run may take
     config: RunConfig
-    # the config fields the user set: a new run's regularisation follows the corpus's size where
+    # the config fields the user set: a new run's regularisation follows its passes over the corpus where
     # not set (see charlm.config.fit_to_corpus); None: use the config as it is
     given: frozenset[str] | None = None
     why: str | None = None  # why a --resume starts a new run (said to the user), None if it does not
@@ -128,7 +128,7 @@ def plan_run(
     if tag == checkpoint.BEST and checkpoint.checkpoint_dir(init_from, tag) is None:
         tag = checkpoint.LATEST  # a run stopped before its first validation
     parent = Parent(str(init_from), tag, checkpoint.weights_sha256(init_from, tag))
-    # None: a fine-tuned run's regularisation is the user's (the corpus rule would decay the
+    # None: a fine-tuned run's regularisation is the user's (the passes rule would decay the
     # parent's weights towards zero)
     return Plan(Start.new, run_dir, fine_tune_config(parent_run.config, changes), None, why, parent)
 
@@ -280,7 +280,8 @@ def _differing(saved: RunConfig, changes: Mapping[str, Any], where: str) -> list
         if name in ("lr", "clip") and value is not None:
             own = saved.train.effective_lr if name == "lr" else saved.train.effective_clip
         if value != own:
-            refused.append(f"{_option(name)} is {_shown(own)} {where}; {_shown(value)} given")
+            shown = "by the passes" if name == "weight_decay" and own is None else _shown(own)
+            refused.append(f"{_option(name)} is {shown} {where}; {_shown(value)} given")
     return refused
 
 

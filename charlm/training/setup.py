@@ -36,9 +36,10 @@ def prepare_run(
     """Prepare the corpus (see :func:`charlm.data.prepare.prepare_corpus`) and create the run directory.
 
     ``given``: the config fields the user set; a scan cell's regularisation not among them follows
-    the corpus's size (:func:`charlm.config.fit_to_corpus`, which says what it chose). None: all
-    were set (the config is used as it is). ``parent``: the run a fine-tuned run starts from,
-    whose tokenizer encodes the corpus (``config`` holds its tokenizer and model already).
+    the passes the run makes over its corpus (:func:`charlm.config.fit_to_corpus`, which says what
+    it chose). None: all were set (the config is used as it is). ``parent``: the run a fine-tuned
+    run starts from, whose tokenizer encodes the corpus (``config`` holds its tokenizer and model
+    already).
 
     Returns:
         The run, the training ids (N,) and the validation ids (M,).
