@@ -85,3 +85,33 @@ def test_a_new_run_records_what_its_validation_reads(tmp_path: Path) -> None:
     args = ["--hidden", "16", "--layers", "1", "--batch-size", "4", "--bptt", "16", "--max-steps", "2"]
     assert invoke("train", corpus, "--out", tmp_path / "r", *args).exit_code == 0
     assert charlm.load(tmp_path / "r").run.config.train.eval_context == EVAL_CONTEXT > 0
+
+
+GELU_RUN = Path(__file__).parent / "fixtures" / "run-mingru-gelu"
+
+
+@pytest.fixture()
+def gelu_run(tmp_path: Path) -> Path:
+    copy = tmp_path / "gelu-run"
+    shutil.copytree(GELU_RUN, copy)
+    return copy
+
+
+def test_a_scan_run_from_before_the_squared_relu_keeps_its_gelu(gelu_run: Path) -> None:
+    """A minGRU run written when the scan blocks' MLP had GELU (its config has no ``mlp``) is read
+    as GELU: it samples the text and scores the figures that code printed, on the CPU's fast path
+    and through the module, and it resumes as GELU."""
+    from charlm.config import Activation
+
+    was = json.loads((GELU_RUN / "expected.json").read_text())
+    model = charlm.load(gelu_run)
+    assert model.run.config.model.mlp is Activation.gelu
+    printed = invoke("sample", gelu_run, "--seed", "1", "--length", "60", "--prime", "To ").stdout
+    assert printed == was["sample_seed_1_length_60_prime_To"]
+    args = ["--json", "--precision", "fp32", "--data", gelu_run / "base.txt"]
+    scored = json.loads(invoke("eval", gelu_run, *args).stdout)
+    assert {k: scored[k] for k in was["eval_base_txt"]} == pytest.approx(was["eval_base_txt"], rel=1e-6)
+    args = ["--resume", "--max-steps", "40", "--precision", "fp32"]
+    result = invoke("train", gelu_run / "corpus.txt", "--out", gelu_run, *args)
+    assert result.exit_code == 0, result.output
+    assert charlm.load(gelu_run, checkpoint="latest").run.config.model.mlp is Activation.gelu

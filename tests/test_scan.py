@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charlm.config import Cell, ModelConfig
+from charlm.config import Activation, Cell, ModelConfig
 from charlm.errors import ConfigError
 from charlm.model.network import RNNLM, detach_hidden
 from charlm.model.scan import CHUNK, LOG_A_MIN, linear_scan
@@ -54,20 +54,25 @@ def test_the_scan_is_exact_float32_under_bf16_autocast() -> None:
     torch.testing.assert_close(h, recurrence(log_a, b, h0), rtol=1e-5, atol=1e-5)
 
 
-def tiny(cell: Cell, layers: int = 2, hidden: int = 16) -> RNNLM:
+def tiny(cell: Cell, layers: int = 2, hidden: int = 16, mlp: Activation = Activation.relu2) -> RNNLM:
     torch.manual_seed(0)
-    return RNNLM(ModelConfig(vocab_size=23, cell=cell, layers=layers, hidden=hidden, dropout=0.0)).eval()
+    config = ModelConfig(vocab_size=23, cell=cell, layers=layers, hidden=hidden, dropout=0.0, mlp=mlp)
+    return RNNLM(config).eval()
 
 
-@pytest.mark.parametrize("cell", SCAN_CELLS)
+MLPS = [(c, Activation.relu2) for c in SCAN_CELLS] + [(Cell.mingru, Activation.gelu)]
+
+
+@pytest.mark.parametrize("cell,mlp", MLPS)
 @pytest.mark.parametrize("windows", [(7, 16, 25), (1, 40, 3, 1)])
 @torch.no_grad()
 def test_windows_with_carried_state_equal_the_token_by_token_step(
-    cell: Cell, windows: tuple[int, ...]
+    cell: Cell, mlp: Activation, windows: tuple[int, ...]
 ) -> None:
     """The scan over several windows, the state (recurrence and convolution inputs) carried from
-    one to the next, gives the outputs and final state of the NumPy step sampling uses (1e-5)."""
-    model = tiny(cell)
+    one to the next, gives the outputs and final state of the NumPy step sampling uses (1e-5),
+    with either MLP (GELU: runs written before the squared ReLU)."""
+    model = tiny(cell, mlp=mlp)
     tokens = torch.randint(0, 23, (sum(windows), 2), generator=torch.Generator().manual_seed(3))
     scores, hidden, start = [], None, 0
     for length in windows:
@@ -118,6 +123,7 @@ def test_each_cell_has_its_own_default_shape() -> None:
     assert (lstm.layers, lstm.hidden, lstm.embed, lstm.dropout) == (2, 512, 512, 0.1)
     assert ModelConfig().cell is Cell.mingru
     assert ModelConfig(cell=Cell.lstm, hidden=64).embed == 512
+    assert ModelConfig().mlp is Activation.relu2
 
 
 @pytest.mark.parametrize("cell", SCAN_CELLS)

@@ -43,7 +43,7 @@ class RNNLM(nn.Module):
         extra = {"nonlinearity": "relu"} if config.cell is Cell.irnn else {}
         self.rnn: nn.Module
         if config.cell.scan:
-            self.rnn = ScanStack(config.hidden, config.layers, config.cell.value)
+            self.rnn = ScanStack(config.hidden, config.layers, config.cell.value, config.mlp.value)
         elif config.residual:  # one module per layer, so each layer's output can take its input
             sizes = [config.embed] + [config.hidden] * (config.layers - 1)
             cell = _CELLS[config.cell]

@@ -13,8 +13,8 @@ The block around the recurrence (what makes such models competitive; cf. Hawk, D
     x ─┬─ RMSNorm ─ causal depthwise conv ─ Linear ─┬─ gates ── scan ─┐
        │                                            └─ g ─ SiLU ───── * ─ Linear ─┐
        └───────────────────────────────────────────────────────────────────────── + ─> y
-    y ─┬─ RMSNorm ─ MLP ─┐
-       └──────────────── + ─>
+    y ─┬─ RMSNorm ─ MLP (4x, squared ReLU) ─┐
+       └─────────────────────────────────── + ─>
 
 The state a layer carries from window to window (truncated BPTT) is its recurrence ``h`` and the
 convolution's last ``kernel - 1`` inputs, packed into one vector per stream: (B, kernel * width).
@@ -94,16 +94,17 @@ def linear_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch
 
 
 class ScanLayer(nn.Module):
-    """One residual block: a gated linear recurrence (``mingru`` or ``minlstm``), then an MLP.
+    """One residual block: a gated linear recurrence (``mingru`` or ``minlstm``), then an MLP
+    whose nonlinearity is ``mlp``: ``relu2`` (squared ReLU) or ``gelu`` (tanh form).
 
     minGRU: ``z = sigmoid(k)``, ``h_t = (1 - z) * h_{t-1} + z * c``; minLSTM: ``f, i = sigmoid``,
     normalised to sum to one, ``h_t = f' * h_{t-1} + i' * c``; ``c`` a linear candidate. The
     gradient through time of channel d is the product of its decays ``a_t``: no repeated matrix.
     """
 
-    def __init__(self, width: int, cell: str) -> None:
+    def __init__(self, width: int, cell: str, mlp: str = "relu2") -> None:
         super().__init__()
-        self.width, self.cell = width, cell
+        self.width, self.cell, self.mlp = width, cell, mlp
         self.gate_count = 2 if cell == "mingru" else 3  # (z, c) or (f, i, c)
         self.norm = nn.RMSNorm(width, eps=NORM_EPS)
         self.conv_weight = nn.Parameter(torch.zeros(KERNEL, width))  # (K, D): depthwise, causal
@@ -172,7 +173,8 @@ class ScanLayer(nn.Module):
         h = linear_scan(log_a, b, h0)  # (T, B, D) float32
         y = h.to(x.dtype) * F.silu(parts[:, :, self.gate_count])
         x = x + self.out(y)
-        x = x + self.down(F.gelu(self.up(self.norm2(x)), approximate="tanh"))
+        m = self.up(self.norm2(x))  # (T, B, 4D)
+        x = x + self.down(F.relu(m).square() if self.mlp == "relu2" else F.gelu(m, approximate="tanh"))
         new_past = u[-(KERNEL - 1) :].transpose(0, 1).reshape(-1, (KERNEL - 1) * D)  # (B, (K-1) * D)
         return x, torch.cat([h[-1], new_past.float()], 1)
 
@@ -180,9 +182,9 @@ class ScanLayer(nn.Module):
 class ScanStack(nn.Module):
     """``layers`` :class:`ScanLayer` blocks and a final RMSNorm; its state is (layers, B, K * D)."""
 
-    def __init__(self, width: int, layers: int, cell: str) -> None:
+    def __init__(self, width: int, layers: int, cell: str, mlp: str = "relu2") -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(ScanLayer(width, cell) for _ in range(layers))
+        self.blocks = nn.ModuleList(ScanLayer(width, cell, mlp) for _ in range(layers))
         self.norm = nn.RMSNorm(width, eps=NORM_EPS)
         self.state_size = self.blocks[0].state_size
 

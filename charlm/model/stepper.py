@@ -133,7 +133,7 @@ class _ScanBlock:
     a few hundred floats, so the NumPy calls, not the arithmetic, set its time. The weights are
     laid out so that fewer calls are needed: the mixing product's outputs are reordered to
     (gates, output gate, candidate), so that a minGRU's update gate and output gate take one
-    sigmoid, and the GELU's factor 1/2 is folded into the product after it.
+    sigmoid, and a GELU's factor 1/2 is folded into the product after it.
     """
 
     def __init__(self, block: scan.ScanLayer) -> None:
@@ -148,7 +148,9 @@ class _ScanBlock:
         self.out = Linear(_numpy(block.out.weight), None)
         # the MLP's norm weight is folded into its first product: W (n(x) * w) = (W * w) n(x)
         self.up = Linear(_numpy(block.up.weight) * _numpy(block.norm2.weight), _numpy(block.up.bias))
-        self.down = Linear(_numpy(block.down.weight) * 0.5, _numpy(block.down.bias))  # GELU's 1/2
+        self.gelu = block.mlp == "gelu"
+        half = 0.5 if self.gelu else 1.0  # GELU's 1/2
+        self.down = Linear(_numpy(block.down.weight) * half, _numpy(block.down.bias))
 
     def __call__(self, x: Array, state: Array) -> tuple[Array, Array]:
         """The stream (B, D) after the block and the new state (B, K * D), from ``x`` (B, D)."""
@@ -177,14 +179,18 @@ class _ScanBlock:
         sig_g *= g
         sig_g *= h  # SiLU(g) * h
         x = x + self.out(sig_g)
-        m = self.up(_rms_norm(x))  # (B, 4D): GELU, tanh form; its 1/2 is in down's weights
-        inner = m * m  # (no m**3: NumPy's float power is far slower than two products)
-        inner *= 0.044715 * _GELU_SCALE
-        inner += _GELU_SCALE  # Python floats: the arrays stay float32
-        inner *= m
-        np.tanh(inner, out=inner)
-        inner += 1.0
-        m *= inner
+        m = self.up(_rms_norm(x))  # (B, 4D)
+        if self.gelu:  # tanh form; its 1/2 is in down's weights
+            inner = m * m  # (no m**3: NumPy's float power is far slower than two products)
+            inner *= 0.044715 * _GELU_SCALE
+            inner += _GELU_SCALE  # Python floats: the arrays stay float32
+            inner *= m
+            np.tanh(inner, out=inner)
+            inner += 1.0
+            m *= inner
+        else:  # squared ReLU
+            np.maximum(m, 0.0, out=m)
+            m *= m
         x += self.down(m)
         window[:, :D] = h
         return x, window
