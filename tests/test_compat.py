@@ -1,6 +1,7 @@
-"""Runs written before the layout by stage (commit 529be16) load, sample, score and resume unchanged.
+"""Runs written before the layout by stage (commit 529be16), and scan runs written before the
+squared ReLU (their MLP's GELU), load, sample, score and resume unchanged.
 
-The fixture was trained by that commit's code; expected.json holds what it printed then.
+Each fixture was trained by the code before the change; its expected.json holds what it printed then.
 """
 
 from __future__ import annotations

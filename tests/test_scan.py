@@ -245,3 +245,18 @@ def test_sgd_gets_no_weight_decay_from_the_passes_rule() -> None:
     assert fitted.train.weight_decay == 0.0 and why is None  # nothing chosen, nothing said
     with pytest.raises(ConfigError, match="is for adam"):
         TrainConfig(optimizer=OptimizerKind.sgd, weight_decay=None)
+
+
+def test_a_new_scan_run_has_the_squared_relu_unless_asked_for_gelu(tmp_path: Path, corpus: Path) -> None:
+    """New runs record ``mlp: relu2``; ``--mlp gelu`` (``mlp="gelu"`` in Python) trains the GELU of
+    earlier runs, and a resume may not change it."""
+    import charlm
+
+    charlm.train(corpus, out=tmp_path / "new", hidden=16, layers=1, batch_size=4, bptt=16, max_steps=2)
+    assert charlm.load(tmp_path / "new").run.config.model.mlp is Activation.relu2
+    args = ["--hidden", "16", "--layers", "1", "--batch-size", "4", "--bptt", "16", "--max-steps", "2"]
+    assert invoke("train", corpus, "--out", tmp_path / "gelu", "--mlp", "gelu", *args).exit_code == 0
+    gelu = charlm.load(tmp_path / "gelu")
+    assert gelu.run.config.model.mlp is Activation.gelu and gelu.network.rnn.blocks[0].mlp == "gelu"
+    refused = invoke("train", corpus, "--out", tmp_path / "gelu", "--resume", "--mlp", "relu2", *args)
+    assert refused.exit_code != 0 and "--mlp" in refused.output and "Traceback" not in refused.output

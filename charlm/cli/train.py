@@ -31,6 +31,7 @@ from charlm.config import (
     DEFAULT_CLIP,
     DEFAULT_LR,
     FINE_TUNE_LR,
+    Activation,
     Cell,
     CheckpointTag,
     OptimizerKind,
@@ -143,6 +144,12 @@ def train(
     residual: Annotated[
         bool, typer.Option(help="Residual connections between stacked layers (each adds its input).")
     ] = MODEL.residual,
+    mlp: Annotated[
+        Activation,
+        typer.Option(
+            help="mingru, minlstm: their MLP's nonlinearity, relu2 (squared ReLU) or gelu (earlier runs')."
+        ),
+    ] = MODEL.mlp,
     batch_size: Annotated[int, typer.Option(help="Parallel token streams per step.")] = TRAIN.batch_size,
     bptt: Annotated[int, typer.Option(help="Tokens per truncated-BPTT window.")] = TRAIN.bptt,
     optimizer: Annotated[

@@ -104,6 +104,8 @@ class ScanLayer(nn.Module):
 
     def __init__(self, width: int, cell: str, mlp: str = "relu2") -> None:
         super().__init__()
+        if mlp not in ("relu2", "gelu"):
+            raise ValueError(f"mlp is relu2 or gelu, not {mlp!r}")
         self.width, self.cell, self.mlp = width, cell, mlp
         self.gate_count = 2 if cell == "mingru" else 3  # (z, c) or (f, i, c)
         self.norm = nn.RMSNorm(width, eps=NORM_EPS)
