@@ -17,13 +17,17 @@ import charlm
 from tests.conftest import invoke
 
 OLD_RUN = Path(__file__).parent / "fixtures" / "run-529be16"
+GELU_RUN = Path(__file__).parent / "fixtures" / "run-mingru-gelu"
 
 
 @pytest.fixture()
 def old_run(tmp_path: Path) -> Path:
-    copy = tmp_path / "old-run"
-    shutil.copytree(OLD_RUN, copy)
-    return copy
+    return Path(shutil.copytree(OLD_RUN, tmp_path / "old-run"))
+
+
+@pytest.fixture()
+def gelu_run(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(GELU_RUN, tmp_path / "gelu-run"))
 
 
 def expected() -> dict:
@@ -86,16 +90,6 @@ def test_a_new_run_records_what_its_validation_reads(tmp_path: Path) -> None:
     args = ["--hidden", "16", "--layers", "1", "--batch-size", "4", "--bptt", "16", "--max-steps", "2"]
     assert invoke("train", corpus, "--out", tmp_path / "r", *args).exit_code == 0
     assert charlm.load(tmp_path / "r").run.config.train.eval_context == EVAL_CONTEXT > 0
-
-
-GELU_RUN = Path(__file__).parent / "fixtures" / "run-mingru-gelu"
-
-
-@pytest.fixture()
-def gelu_run(tmp_path: Path) -> Path:
-    copy = tmp_path / "gelu-run"
-    shutil.copytree(GELU_RUN, copy)
-    return copy
 
 
 def test_a_scan_run_from_before_the_squared_relu_keeps_its_gelu(gelu_run: Path) -> None:
