@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from charlm.config import Activation
+
 # The smallest log decay a step may have: a_t >= exp(-5) = 0.0067 (a channel forgets all but 0.7%
 # of its past in one step). It bounds the chunked scan's exp(-cumsum) to exp(5 * CHUNK) = exp(80),
 # inside float32, so the scan is exact to float rounding without logarithms of the values.
@@ -104,9 +106,7 @@ class ScanLayer(nn.Module):
 
     def __init__(self, width: int, cell: str, mlp: str = "relu2") -> None:
         super().__init__()
-        if mlp not in ("relu2", "gelu"):
-            raise ValueError(f"mlp is relu2 or gelu, not {mlp!r}")
-        self.width, self.cell, self.mlp = width, cell, mlp
+        self.width, self.cell, self.mlp = width, cell, Activation(mlp).value  # an unknown one: ValueError
         self.gate_count = 2 if cell == "mingru" else 3  # (z, c) or (f, i, c)
         self.norm = nn.RMSNorm(width, eps=NORM_EPS)
         self.conv_weight = nn.Parameter(torch.zeros(KERNEL, width))  # (K, D): depthwise, causal
