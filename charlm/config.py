@@ -251,6 +251,13 @@ CELL_DEFAULTS: dict[Cell, dict[str, Any]] = {
 WEIGHT_DECAY_BY_PASSES = ((2.0, 0.1), (6.0, 0.15), (10.0, 0.3), (18.0, 0.6))
 
 
+def weight_decay_rule() -> str:
+    """:data:`WEIGHT_DECAY_BY_PASSES` in words, for the help and for what ``charlm train`` says."""
+    last = len(WEIGHT_DECAY_BY_PASSES) - 1
+    return ", ".join(f"{w:g} {'up to' if k == 0 else 'from' if k == last else 'at'} {p:g}"
+                     for k, (p, w) in enumerate(WEIGHT_DECAY_BY_PASSES))  # fmt: skip
+
+
 def weight_decay_for(passes: float) -> float:
     """The weight decay of a run that makes ``passes`` passes over its corpus, by
     :data:`WEIGHT_DECAY_BY_PASSES`."""
@@ -479,9 +486,7 @@ def fit_to_corpus(config: RunConfig, tokens: int, given: Collection[str]) -> tup
     train = config.train
     if not config.model.cell.scan or "weight_decay" in given or train.optimizer is OptimizerKind.sgd:
         return config, None
-    last = len(WEIGHT_DECAY_BY_PASSES) - 1
-    rule = ", ".join(f"{w:g} {'up to' if k == 0 else 'from' if k == last else 'at'} {p:g}"
-                     for k, (p, w) in enumerate(WEIGHT_DECAY_BY_PASSES))  # fmt: skip
+    rule = weight_decay_rule()
     # the passes as the trainer counts them: steps over windows per epoch (B streams of N // B)
     windows = max(1, -(-(tokens // train.batch_size - 1) // train.bptt))
     limits = [train.max_steps / windows] if train.max_steps else []

@@ -38,6 +38,7 @@ from charlm.config import (
     Precision,
     Softmax,
     TokenizerKind,
+    weight_decay_rule,
 )
 
 _SEVERAL = "Several processes"
@@ -185,7 +186,7 @@ def train(
         float,
         typer.Option(
             help="Weight decay (decoupled, AdamW; L2 with sgd). Default 0; scan cells with adam: by the "
-            "passes the run makes over its corpus, 0.1 up to 2, 0.15 at 6, 0.3 at 10, 0.6 from 18.",
+            f"passes the run makes over its corpus, {weight_decay_rule()}.",
             show_default=False,
         ),
     ] = TRAIN.weight_decay,
