@@ -22,8 +22,10 @@ symbols (charlm's char tokenizer adds 256 byte-fallback pieces: 324 outputs, on 
 - start-up: the median wall time of ``charlm --help`` in a new process (five runs);
 - the scan cell (``--cell mingru``, the default, at its default shape) beside an LSTM of about
   the same parameter count: training, evaluation and sampling (1 and 32 streams) tokens/s, in the
-  same precision, batch and BPTT as above; and the scan cell's training step through
-  ``torch.compile`` (``charlm train --compile``), with the seconds its compilation took.
+  same precision, batch and BPTT as above (sampling: the two models in five interleaved rounds of
+  ``2 * --seconds / 5`` each, the median of each, so that their ratio is measured at the same
+  times); and the scan cell's training step through ``torch.compile`` (``charlm train
+  --compile``), with the seconds its compilation took.
 
 Prints a table of absolute figures and ratios, then one JSON object.
 """
@@ -68,23 +70,40 @@ class Reference(nn.Module):
         return self.decoder(out), hidden  # (T, B, V)
 
 
-def rate(work: Callable[[], int], seconds: float, device: torch.device) -> float:
-    """Median tokens/s of three repeats of ``work`` (returns tokens) for ``seconds`` / 3 each."""
+def rate(work: Callable[[], int], seconds: float, device: torch.device, repeats: int = 3,
+         warm_up: bool = True) -> float:  # fmt: skip
+    """Median tokens/s of ``repeats`` repeats of ``work`` (returns tokens) for ``seconds`` /
+    ``repeats`` each, after one call of it to warm up."""
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    work()  # warm-up
+    if warm_up:
+        work()
     rates = []
-    for _ in range(3):
+    for _ in range(repeats):
         sync()
         tokens, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 3:
+        while time.perf_counter() - start < seconds / repeats:
             tokens += work()
         sync()
         rates.append(tokens / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def interleaved(works: dict[str, Callable[[], int]], seconds: float, device: torch.device,
+                rounds: int = 5) -> dict[str, float]:  # fmt: skip
+    """Median tokens/s of each of ``works`` over ``rounds`` rounds that take them in turn, each for
+    ``seconds`` / ``rounds``: on a machine whose speed drifts, their ratio is measured at the same
+    times, where :func:`rate` one after the other would measure each at its own."""
+    for work in works.values():
+        work()  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(rounds):
+        for name, work in works.items():
+            rates[name].append(rate(work, seconds / rounds, device, repeats=1, warm_up=False))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def help_seconds(repeats: int = 5) -> float:
@@ -270,7 +289,8 @@ def compare_cells(
     # a 2-layer LSTM of width w has about 16 w^2 + 2 V w parameters (embedding and decoder)
     width = int((-(2 * V) + ((2 * V) ** 2 + 4 * 16 * target) ** 0.5) / 32)
     lstm = RNNLM(ModelConfig(vocab_size=V, cell=Cell.lstm, hidden=width, embed=width, dropout=0.0)).to(device)
-    rows = {}
+    rows: dict[str, dict[str, float]] = {}
+    models: dict[str, RNNLM] = {}
     for model in (scan, lstm):
         c = model.config
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -284,15 +304,6 @@ def compare_cells(
         def score() -> int:
             evaluate(model, eval_ids, eval_ids.numel(), 0, autocast=autocast)  # noqa: B023
             return eval_ids.numel()
-
-        def sample(streams: int, length: int) -> Callable[[], int]:
-            def work() -> int:
-                config = SampleConfig(length=length, temperature=0.8, num_samples=streams)
-                for _ in generate(model, tokenizer, config, make_generator(0)):  # type: ignore[arg-type]  # noqa: B023
-                    pass
-                return length * streams
-
-            return work
 
         model.train()
         row = {"train": rate(train, seconds, device)}
@@ -309,10 +320,28 @@ def compare_cells(
             row["compile_s"] = time.perf_counter() - start
             row["train_compiled"] = rate(train_compiled, seconds, device)
         model.eval()
-        row |= {"eval": rate(score, seconds, device), "sample1": rate(sample(1, 1000), seconds, device),
-                "sample32": rate(sample(32, 200), seconds, device)}  # fmt: skip
-        rows[f"{c.cell.value} {c.layers}x{c.hidden} ({count_parameters(model) / 1e6:.2f}M)"] = row
+        row["eval"] = rate(score, seconds, device)
+        name = f"{c.cell.value} {c.layers}x{c.hidden} ({count_parameters(model) / 1e6:.2f}M)"
+        rows[name], models[name] = row, model
+    # sampling: the two models in turns, so that their ratio is measured at the same times (one
+    # stream's step is short enough for the machine's drift to move it by a fifth between runs)
+    for key, streams, length in (("sample1", 1, 1000), ("sample32", 32, 200)):
+        works = {name: sampler(model, tokenizer, streams, length) for name, model in models.items()}
+        for name, figure in interleaved(works, 2 * seconds, device).items():
+            rows[name][key] = figure
     return rows
+
+
+def sampler(model: RNNLM, tokenizer: object, streams: int, length: int) -> Callable[[], int]:
+    """``charlm sample``'s whole path for ``model``: ``streams`` samples of ``length`` tokens."""
+
+    def work() -> int:
+        config = SampleConfig(length=length, temperature=0.8, num_samples=streams)
+        for _ in generate(model, tokenizer, config, make_generator(0)):  # type: ignore[arg-type]
+            pass
+        return length * streams
+
+    return work
 
 
 if __name__ == "__main__":

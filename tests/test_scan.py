@@ -65,15 +65,17 @@ MLPS = [(c, Activation.relu2) for c in SCAN_CELLS] + [(Cell.mingru, Activation.g
 
 @pytest.mark.parametrize("cell,mlp", MLPS)
 @pytest.mark.parametrize("windows", [(7, 16, 25), (1, 40, 3, 1)])
+@pytest.mark.parametrize("streams", [1, 2])
 @torch.no_grad()
 def test_windows_with_carried_state_equal_the_token_by_token_step(
-    cell: Cell, mlp: Activation, windows: tuple[int, ...]
+    cell: Cell, mlp: Activation, windows: tuple[int, ...], streams: int
 ) -> None:
     """The scan over several windows, the state (recurrence and convolution inputs) carried from
     one to the next, gives the outputs and final state of the NumPy step sampling uses (1e-5),
-    with either MLP (GELU: runs written before the squared ReLU)."""
+    with either MLP (GELU: runs written before the squared ReLU), for one stream (a minGRU's
+    steps through its own vector path) and for several."""
     model = tiny(cell, mlp=mlp)
-    tokens = torch.randint(0, 23, (sum(windows), 2), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, 23, (sum(windows), streams), generator=torch.Generator().manual_seed(3))
     scores, hidden, start = [], None, 0
     for length in windows:
         out, hidden = model(tokens[start : start + length], hidden)  # (w, B, V)
@@ -81,7 +83,8 @@ def test_windows_with_carried_state_equal_the_token_by_token_step(
         hidden = detach_hidden(hidden)
         start += length
     stepper = Stepper(model)
-    state, stepped = stepper.zero_state(2), []
+    assert stepper.one_row == (cell is Cell.mingru)
+    state, stepped = stepper.zero_state(streams), []
     for t in range(tokens.size(0)):
         logits, state = stepper.step(tokens[t].numpy(), state)
         stepped.append(logits)

@@ -151,6 +151,66 @@ class _ScanBlock:
         self.gelu = block.mlp == "gelu"
         half = 0.5 if self.gelu else 1.0  # GELU's 1/2
         self.down = Linear(_numpy(block.down.weight) * half, _numpy(block.down.bias))
+        if self.mingru:  # the mixing product of one row (:meth:`one`), its factors folded in
+            weight, bias = _numpy(block.mix.weight)[order], _numpy(block.mix.bias)[order]
+            # mix(conv + b_conv) = mix(conv) + W b_conv; and every row is halved, since
+            # sigmoid(v) = (1 + tanh(v / 2)) / 2 and SiLU(v) = v / 2 * (1 + tanh(v / 2))
+            self.mix1_t = np.ascontiguousarray(0.5 * weight.T, dtype=np.float32)  # (D, 3D)
+            self.mix1_bias = (0.5 * (bias + weight @ self.conv_bias)).astype(np.float32)  # (3D,)
+            self.conv1 = np.ascontiguousarray(self.conv.reshape(-1))  # (K * D,)
+
+    def one(self, x: Array, state: Array) -> tuple[Array, Array]:
+        """:meth:`__call__` for one stream of a minGRU block: ``x`` (D,) and ``state`` (K * D,),
+        neither changed; the stream after the block (D,) and the new state (K * D,).
+
+        The same arithmetic in about half the NumPy calls, since at one row each call costs more
+        than its arithmetic: vectors instead of (1, D) matrices (NumPy's matrix-vector product
+        is faster than its (1, n) matrix product), the norms' scales as Python floats, the
+        convolution's bias and the sigmoids' halving folded into the mixing product, and one
+        tanh for the update and output gates."""
+        D, dot = self.width, np.dot
+        u = self.norm * (1.0 / math.sqrt(float(dot(x, x)) / D + scan.NORM_EPS))
+        u *= x  # (D,): RMSNorm(x)
+        window = np.concatenate((state[D:], u))  # (K * D,): the last K inputs, oldest first
+        conv = np.add.reduce((window * self.conv1).reshape(scan.KERNEL, D), 0)  # (D,)
+        parts = dot(conv, self.mix1_t)  # (3D,): k / 2, g / 2, c / 2 (k: the update gate's input)
+        parts += self.mix1_bias
+        t = np.tanh(parts[: 2 * D])  # (2D,): tanh(k / 2), tanh(g / 2)
+        h = t[:D] * -0.5
+        h += 0.5  # a = 1 - sigmoid(k), clamped as the scan clamps log a
+        np.maximum(h, _A_MIN, out=h)
+        h *= state[:D]
+        t += 1.0
+        gate = t[:D]
+        gate *= parts[2 * D :]  # (1 + tanh(k / 2)) * c / 2 = sigmoid(k) * c
+        h += gate  # (D,): a * h + sigmoid(k) * c
+        out = t[D:]
+        out *= parts[D : 2 * D]
+        out *= h  # SiLU(g) * h
+        x = x + dot(out, self.out.weight_t)
+        # the MLP's norm: its weight is in up's product, its scale multiplies the product
+        m = dot(x, self.up.weight_t)  # (4D,)
+        m *= 1.0 / math.sqrt(float(dot(x, x)) / D + scan.NORM_EPS)
+        m += self.up.bias
+        x += dot(self._activation(m), self.down.weight_t)
+        x += self.down.bias
+        window[:D] = h
+        return x, window
+
+    def _activation(self, m: Array) -> Array:
+        """The MLP's activation of ``m``, in place."""
+        if self.gelu:  # tanh form; its 1/2 is in down's weights
+            inner = m * m  # (no m**3: NumPy's float power is far slower than two products)
+            inner *= 0.044715 * _GELU_SCALE
+            inner += _GELU_SCALE  # Python floats: the arrays stay float32
+            inner *= m
+            np.tanh(inner, out=inner)
+            inner += 1.0
+            m *= inner
+        else:  # squared ReLU
+            np.maximum(m, 0.0, out=m)
+            m *= m
+        return m
 
     def __call__(self, x: Array, state: Array) -> tuple[Array, Array]:
         """The stream (B, D) after the block and the new state (B, K * D), from ``x`` (B, D)."""
@@ -180,18 +240,7 @@ class _ScanBlock:
         sig_g *= h  # SiLU(g) * h
         x = x + self.out(sig_g)
         m = self.up(_rms_norm(x))  # (B, 4D)
-        if self.gelu:  # tanh form; its 1/2 is in down's weights
-            inner = m * m  # (no m**3: NumPy's float power is far slower than two products)
-            inner *= 0.044715 * _GELU_SCALE
-            inner += _GELU_SCALE  # Python floats: the arrays stay float32
-            inner *= m
-            np.tanh(inner, out=inner)
-            inner += 1.0
-            m *= inner
-        else:  # squared ReLU
-            np.maximum(m, 0.0, out=m)
-            m *= m
-        x += self.down(m)
+        x += self.down(self._activation(m))
         window[:, :D] = h
         return x, window
 
@@ -222,6 +271,8 @@ class Stepper:
         if config.cell.scan:
             self.table = _numpy(model.embedding.weight)  # (V, D)
             self.blocks = [_ScanBlock(block) for block in model.rnn.blocks]
+            # one stream through _ScanBlock.one: minGRU blocks and a full softmax
+            self.one_row = self.full and all(block.mingru for block in self.blocks)
             return
 
         def weights(name: str) -> list[Array]:
@@ -304,6 +355,16 @@ class Stepper:
         return self._scores(x), new_state
 
     def _scan_step(self, tokens: Array, state: list) -> tuple[Array, list]:
+        if tokens.shape[0] == 1 and self.one_row:  # one stream: vectors (see _ScanBlock.one)
+            x = self.table[tokens[0]]  # (D,), a view: one() changes neither x nor state
+            new_state = []
+            for block, s in zip(self.blocks, state, strict=True):
+                x, s = block.one(x, s[0])
+                new_state.append(s[None])  # (1, K * D)
+            logits = np.dot(x, self.output.weight_t)  # (V,), the final norm's weight in it
+            logits *= 1.0 / math.sqrt(float(np.dot(x, x)) / x.shape[0] + scan.NORM_EPS)
+            logits += self.output.bias
+            return logits[None], new_state
         x = self.table[tokens]  # (B, D), a copy
         new_state = []
         for block, s in zip(self.blocks, state, strict=True):
