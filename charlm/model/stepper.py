@@ -129,11 +129,12 @@ class _ScanBlock:
     """One :class:`~charlm.model.scan.ScanLayer` for one time step: the convolution reads its last
     K - 1 inputs from the state, the recurrence is ``h = a * h + b``, as the scan computes it.
 
-    One stream's step is a few small products and some fifty elementwise operations on vectors of
+    One stream's step is a few small products and some thirty elementwise operations on vectors of
     a few hundred floats, so the NumPy calls, not the arithmetic, set its time. The weights are
     laid out so that fewer calls are needed: the mixing product's outputs are reordered to
     (gates, output gate, candidate), so that a minGRU's update gate and output gate take one
-    sigmoid, and a GELU's factor 1/2 is folded into the product after it.
+    tanh; a minGRU's convolution bias and the halving its sigmoids take are folded into that
+    product, and a GELU's factor 1/2 into the product after it.
     """
 
     def __init__(self, block: scan.ScanLayer) -> None:
@@ -141,40 +142,39 @@ class _ScanBlock:
         self.width, self.gates = D, G
         self.mingru = block.cell == "mingru"
         self.norm = _numpy(block.norm.weight)
-        self.conv, self.conv_bias = _numpy(block.conv_weight), _numpy(block.conv_bias)  # (K, D), (D,)
+        self.conv = _numpy(block.conv_weight)  # (K, D)
+        self.conv1 = np.ascontiguousarray(self.conv.reshape(-1))  # (K * D,): for one row
+        self.conv_bias: Array | None = _numpy(block.conv_bias)  # (D,)
         # the module's mix rows are (gates, candidate, output gate); here (gates, output gate, candidate)
         order = np.r_[0 : (G - 1) * D, G * D : (G + 1) * D, (G - 1) * D : G * D]
-        self.mix = Linear(_numpy(block.mix.weight)[order], _numpy(block.mix.bias)[order])
+        weight, bias = _numpy(block.mix.weight)[order], _numpy(block.mix.bias)[order]
+        if self.mingru:
+            # mix(conv + b_conv) = mix(conv) + W b_conv; and every row is halved, since
+            # sigmoid(v) = (1 + tanh(v / 2)) / 2 and SiLU(v) = v / 2 * (1 + tanh(v / 2))
+            weight, bias = 0.5 * weight, 0.5 * (bias + weight @ self.conv_bias)
+            self.conv_bias = None
+        self.mix = Linear(weight, bias)
         self.out = Linear(_numpy(block.out.weight), None)
         # the MLP's norm weight is folded into its first product: W (n(x) * w) = (W * w) n(x)
         self.up = Linear(_numpy(block.up.weight) * _numpy(block.norm2.weight), _numpy(block.up.bias))
         self.gelu = block.mlp == "gelu"
         half = 0.5 if self.gelu else 1.0  # GELU's 1/2
         self.down = Linear(_numpy(block.down.weight) * half, _numpy(block.down.bias))
-        if self.mingru:  # the mixing product of one row (:meth:`one`), its factors folded in
-            weight, bias = _numpy(block.mix.weight)[order], _numpy(block.mix.bias)[order]
-            # mix(conv + b_conv) = mix(conv) + W b_conv; and every row is halved, since
-            # sigmoid(v) = (1 + tanh(v / 2)) / 2 and SiLU(v) = v / 2 * (1 + tanh(v / 2))
-            self.mix1_t = np.ascontiguousarray(0.5 * weight.T, dtype=np.float32)  # (D, 3D)
-            self.mix1_bias = (0.5 * (bias + weight @ self.conv_bias)).astype(np.float32)  # (3D,)
-            self.conv1 = np.ascontiguousarray(self.conv.reshape(-1))  # (K * D,)
 
     def one(self, x: Array, state: Array) -> tuple[Array, Array]:
         """:meth:`__call__` for one stream of a minGRU block: ``x`` (D,) and ``state`` (K * D,),
         neither changed; the stream after the block (D,) and the new state (K * D,).
 
-        The same arithmetic in about half the NumPy calls, since at one row each call costs more
-        than its arithmetic: vectors instead of (1, D) matrices (NumPy's matrix-vector product
-        is faster than its (1, n) matrix product), the norms' scales as Python floats, the
-        convolution's bias and the sigmoids' halving folded into the mixing product, and one
-        tanh for the update and output gates."""
+        The same arithmetic in fewer NumPy calls, since at one row each call costs more than its
+        arithmetic: vectors instead of (1, D) matrices (NumPy's matrix-vector product is faster
+        than its (1, n) matrix product) and the norms' scales as Python floats."""
         D, dot = self.width, np.dot
         u = self.norm * (1.0 / math.sqrt(float(dot(x, x)) / D + scan.NORM_EPS))
         u *= x  # (D,): RMSNorm(x)
         window = np.concatenate((state[D:], u))  # (K * D,): the last K inputs, oldest first
         conv = np.add.reduce((window * self.conv1).reshape(scan.KERNEL, D), 0)  # (D,)
-        parts = dot(conv, self.mix1_t)  # (3D,): k / 2, g / 2, c / 2 (k: the update gate's input)
-        parts += self.mix1_bias
+        parts = dot(conv, self.mix.weight_t)  # (3D,): k / 2, g / 2, c / 2 (k: the update gate's input)
+        parts += self.mix.bias
         t = np.tanh(parts[: 2 * D])  # (2D,): tanh(k / 2), tanh(g / 2)
         h = t[:D] * -0.5
         h += 0.5  # a = 1 - sigmoid(k), clamped as the scan clamps log a
@@ -221,23 +221,33 @@ class _ScanBlock:
         # the next state's, and h goes into its head below.
         window = np.concatenate([state[:, D:], u], 1)  # (B, K * D)
         conv = np.add.reduce(window.reshape(rows, K, D) * self.conv, 1)  # (B, D)
-        conv += self.conv_bias
+        if self.conv_bias is not None:  # (a minGRU's is in the mixing product)
+            conv += self.conv_bias
         parts = self.mix(conv)  # (B, (G + 1) * D): gates, output gate g, candidate c
-        c, g = parts[:, G * D :], parts[:, (G - 1) * D : G * D]
-        if self.mingru:  # z = sigmoid(k), a = 1 - z, clamped as the scan clamps log a
-            sig = _sigmoid(parts[:, : 2 * D].copy())  # (B, 2D): z and sigmoid(g)
-            gate, sig_g = sig[:, :D], sig[:, D:]
-            a = np.maximum(1.0 - gate, _A_MIN)
+        if self.mingru:  # halved: k / 2, g / 2, c / 2
+            t = np.tanh(parts[:, : 2 * D])  # (B, 2D): tanh(k / 2), tanh(g / 2)
+            h = t[:, :D] * -0.5
+            h += 0.5  # a = 1 - sigmoid(k), clamped as the scan clamps log a
+            np.maximum(h, _A_MIN, out=h)
+            h *= state[:, :D]
+            t += 1.0
+            gate = t[:, :D]
+            gate *= parts[:, 2 * D :]  # sigmoid(k) * c
+            h += gate  # (B, D): a * h + sigmoid(k) * c
+            sig_g = t[:, D:]
+            sig_g *= parts[:, D : 2 * D]
+            sig_g *= h  # SiLU(g) * h
         else:
+            c, g = parts[:, G * D :], parts[:, (G - 1) * D : G * D]
             diff = _softplus(-parts[:, :D]) - _softplus(-parts[:, D : 2 * D])  # log i - log f
             a, gate = np.exp(np.maximum(-_softplus(diff), scan.LOG_A_MIN)), _sigmoid(diff)
             sig_g = _sigmoid(g.copy())
-        a *= state[:, :D]
-        gate *= c
-        a += gate
-        h = a  # (B, D): a * h + gate * c
-        sig_g *= g
-        sig_g *= h  # SiLU(g) * h
+            a *= state[:, :D]
+            gate *= c
+            a += gate
+            h = a  # (B, D): a * h + gate * c
+            sig_g *= g
+            sig_g *= h  # SiLU(g) * h
         x = x + self.out(sig_g)
         m = self.up(_rms_norm(x))  # (B, 4D)
         x += self.down(self._activation(m))
