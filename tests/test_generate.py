@@ -155,15 +155,20 @@ def test_stepper_gives_the_probabilities_of_the_model(
 
 
 def test_a_product_is_the_same_whatever_rows_share_it() -> None:
-    """The stepper's products: oneDNN's prepacked one (two rows or more) and NumPy's (one row) agree
-    to float rounding, and a row's result does not depend on the rows beside it, bit for bit."""
-    from charlm.model.stepper import Linear
+    """The stepper's products: oneDNN's prepacked one (two rows or more) and NumPy's (one row, or
+    small weights without AVX-512) agree to float rounding, and through oneDNN a row's result does
+    not depend on the rows beside it, bit for bit."""
+    from charlm.model.stepper import Linear, prepacks
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((96, 40), dtype=np.float32)  # (out, in)
     bias = rng.standard_normal(96, dtype=np.float32)
-    linear = Linear(weight, bias)
+    plain = Linear(weight, bias, packed=False)
+    assert not plain.packed
     x = rng.standard_normal((70, 40), dtype=np.float32)
+    np.testing.assert_allclose(plain(x), x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+    assert prepacks(np.zeros((2048, 512), np.float32))  # a 2x512 LSTM's products: oneDNN's anywhere
+    linear = Linear(weight, bias, packed=True)
     full = linear(x)  # (70, 96)
     np.testing.assert_allclose(full, x @ weight.T + bias, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(linear(x[:1]), full[:1], rtol=1e-5, atol=1e-5)

@@ -11,12 +11,15 @@ step needs and does only that arithmetic:
   as a (V, gates) table, so a token costs one row read instead of a matrix product;
 - above the first layer, the input and recurrent products of an LSTM or RNN are one product of
   [x, h] with [W_ih | W_hh];
-- the products go through oneDNN with the weights reordered once into its blocked layout
-  (:class:`Linear`). A plain product repacks the weights on every call, so NumPy's (OpenBLAS)
-  product of two rows costs several times that of one, while the prepacked one grows far more
-  slowly with the rows (a row alone still goes through NumPy, faster there; the timings are in
+- the products of large weights (and of all weights on a CPU with AVX-512) go through oneDNN
+  with the weights reordered once into its blocked layout (:class:`Linear`). A plain product
+  repacks the weights on every call, so NumPy's (OpenBLAS) product of two rows of a large weight
+  costs several times that of one, while the prepacked one grows far more slowly with the rows;
+  a row alone goes through NumPy, faster there, and so do small weights on a CPU without AVX-512,
+  where oneDNN's call costs more than their arithmetic (the timings are in
   docs/benchmarks/speed.md, "Evaluation and sampling"). A row's result is bit for bit the same
-  whatever other rows share its prepacked product, and within float rounding of its result alone;
+  whatever other rows share a prepacked product, while OpenBLAS's may move in the last bits with
+  the rows beside it; both are within float rounding of the row's result alone;
 - the gate math follows PyTorch's own definitions of LSTM, GRU and tanh RNN, so the
   probabilities equal ``nn.LSTM``'s to float rounding (a test holds them to 1e-5).
 
@@ -41,6 +44,18 @@ Array = np.ndarray
 # packed for 32, 32 rows cost a small multiple of one row, and less than NumPy's product of them
 # (docs/benchmarks/speed.md, "Evaluation and sampling").
 _PACKED_FOR = 32
+# On a CPU without AVX-512, weights of fewer numbers than this (4 MB of float32) multiply faster
+# through NumPy than through oneDNN's prepacked product up to 32 rows, and about as fast beyond:
+# oneDNN's call costs tens of microseconds there, a 192-wide product's whole arithmetic a few
+# (docs/benchmarks/speed.md, "Evaluation and sampling").
+_PACK_FROM = 1 << 20
+
+
+def prepacks(weight: Array) -> bool:
+    """Whether :class:`Linear` multiplies two rows or more of ``weight`` through oneDNN's
+    prepacked product (else NumPy's): where the CPU has AVX-512 (measured there), or the weight is
+    large (:data:`_PACK_FROM`)."""
+    return weight.size >= _PACK_FROM or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _sigmoid(x: Array) -> Array:
@@ -56,16 +71,19 @@ class Linear:
     """``x @ weight.T + bias`` for a fixed ``weight`` (out, in), float32, for any number of rows.
 
     Two rows or more go through oneDNN with the weights reordered once into its blocked layout
-    (the prepacked product PyTorch's own CPU inference compiler uses); where oneDNN is missing or
-    its product disagrees with NumPy's on a check at construction (a PyTorch built without it,
-    another CPU), and for a single row, the product is NumPy's.
+    (the prepacked product PyTorch's own CPU inference compiler uses) where :func:`prepacks`
+    says so, or ``packed`` is true; where oneDNN is missing or its product disagrees with NumPy's
+    on a check at construction (a PyTorch built without it, another CPU), and for a single row,
+    the product is NumPy's.
     """
 
-    def __init__(self, weight: Array, bias: Array | None) -> None:
+    def __init__(self, weight: Array, bias: Array | None, packed: bool | None = None) -> None:
         # (in, out), a copy: NumPy's one-row product is twice as fast on this layout as on W.T
         self.weight_t = np.ascontiguousarray(weight.T, dtype=np.float32)
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         self._packed: tuple[torch.Tensor, torch.Tensor | None] | None = None  # weights, bias
+        if not (prepacks(weight) if packed is None else packed):
+            return
         try:
             w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
             b = None if self.bias is None else torch.from_numpy(self.bias)
