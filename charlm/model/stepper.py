@@ -180,8 +180,8 @@ class _ScanBlock:
         self.down = Linear(_numpy(block.down.weight) * half, _numpy(block.down.bias))
 
     def one(self, x: Array, state: Array) -> tuple[Array, Array]:
-        """:meth:`__call__` for one stream of a minGRU block: ``x`` (D,) and ``state`` (K * D,),
-        neither changed; the stream after the block (D,) and the new state (K * D,).
+        """:meth:`__call__` for one stream: ``x`` (D,) and ``state`` (K * D,), neither changed;
+        the stream after the block (D,) and the new state (K * D,).
 
         The same arithmetic in fewer NumPy calls, since at one row each call costs more than its
         arithmetic: vectors instead of (1, D) matrices (NumPy's matrix-vector product is faster
@@ -191,19 +191,32 @@ class _ScanBlock:
         u *= x  # (D,): RMSNorm(x)
         window = np.concatenate((state[D:], u))  # (K * D,): the last K inputs, oldest first
         conv = np.add.reduce((window * self.conv1).reshape(scan.KERNEL, D), 0)  # (D,)
-        parts = dot(conv, self.mix.weight_t)  # (3D,): k / 2, g / 2, c / 2 (k: the update gate's input)
+        if self.conv_bias is not None:  # (a minGRU's is in the mixing product)
+            conv += self.conv_bias
+        parts = dot(conv, self.mix.weight_t)  # ((G + 1) D,): gates, output gate g, candidate c
         parts += self.mix.bias
-        t = np.tanh(parts[: 2 * D])  # (2D,): tanh(k / 2), tanh(g / 2)
-        h = t[:D] * -0.5
-        h += 0.5  # a = 1 - sigmoid(k), clamped as the scan clamps log a
-        np.maximum(h, _A_MIN, out=h)
-        h *= state[:D]
-        t += 1.0
-        gate = t[:D]
-        gate *= parts[2 * D :]  # (1 + tanh(k / 2)) * c / 2 = sigmoid(k) * c
-        h += gate  # (D,): a * h + sigmoid(k) * c
-        out = t[D:]
-        out *= parts[D : 2 * D]
+        if self.mingru:  # halved: k / 2, g / 2, c / 2 (k: the update gate's input)
+            t = np.tanh(parts[: 2 * D])  # (2D,): tanh(k / 2), tanh(g / 2)
+            h = t[:D] * -0.5
+            h += 0.5  # a = 1 - sigmoid(k), clamped as the scan clamps log a
+            np.maximum(h, _A_MIN, out=h)
+            h *= state[:D]
+            t += 1.0
+            gate = t[:D]
+            gate *= parts[2 * D :]  # (1 + tanh(k / 2)) * c / 2 = sigmoid(k) * c
+            h += gate  # (D,): a * h + sigmoid(k) * c
+            out = t[D:]
+            out *= parts[D : 2 * D]
+        else:  # minLSTM, as __call__ computes it
+            diff = _softplus(-parts[:D]) - _softplus(-parts[D : 2 * D])  # log i - log f
+            h, gate = np.exp(np.maximum(-_softplus(diff), scan.LOG_A_MIN)), _sigmoid(diff)
+            G = self.gates
+            h *= state[:D]
+            gate *= parts[G * D :]
+            h += gate  # (D,): a * h + gate * c
+            g = parts[(G - 1) * D : G * D]
+            out = _sigmoid(g.copy())
+            out *= g
         out *= h  # SiLU(g) * h
         x = x + dot(out, self.out.weight_t)
         # the MLP's norm: its weight is in up's product, its scale multiplies the product
@@ -299,8 +312,8 @@ class Stepper:
         if config.cell.scan:
             self.table = _numpy(model.embedding.weight)  # (V, D)
             self.blocks = [_ScanBlock(block) for block in model.rnn.blocks]
-            # one stream through _ScanBlock.one: minGRU blocks and a full softmax
-            self.one_row = self.full and all(block.mingru for block in self.blocks)
+            # one stream through _ScanBlock.one, where the softmax is full
+            self.one_row = self.full
             return
 
         def weights(name: str) -> list[Array]:
