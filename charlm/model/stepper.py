@@ -195,29 +195,7 @@ class _ScanBlock:
             conv += self.conv_bias
         parts = dot(conv, self.mix.weight_t)  # ((G + 1) D,): gates, output gate g, candidate c
         parts += self.mix.bias
-        if self.mingru:  # halved: k / 2, g / 2, c / 2 (k: the update gate's input)
-            t = np.tanh(parts[: 2 * D])  # (2D,): tanh(k / 2), tanh(g / 2)
-            h = t[:D] * -0.5
-            h += 0.5  # a = 1 - sigmoid(k), clamped as the scan clamps log a
-            np.maximum(h, _A_MIN, out=h)
-            h *= state[:D]
-            t += 1.0
-            gate = t[:D]
-            gate *= parts[2 * D :]  # (1 + tanh(k / 2)) * c / 2 = sigmoid(k) * c
-            h += gate  # (D,): a * h + sigmoid(k) * c
-            out = t[D:]
-            out *= parts[D : 2 * D]
-        else:  # minLSTM, as __call__ computes it
-            diff = _softplus(-parts[:D]) - _softplus(-parts[D : 2 * D])  # log i - log f
-            h, gate = np.exp(np.maximum(-_softplus(diff), scan.LOG_A_MIN)), _sigmoid(diff)
-            G = self.gates
-            h *= state[:D]
-            gate *= parts[G * D :]
-            h += gate  # (D,): a * h + gate * c
-            g = parts[(G - 1) * D : G * D]
-            out = _sigmoid(g.copy())
-            out *= g
-        out *= h  # SiLU(g) * h
+        h, out = self._recurrence(parts, state[:D])  # (D,), (D,)
         x = x + dot(out, self.out.weight_t)
         # the MLP's norm: its weight is in up's product, its scale multiplies the product
         m = dot(x, self.up.weight_t)  # (4D,)
@@ -227,6 +205,33 @@ class _ScanBlock:
         x += self.down.bias
         window[:D] = h
         return x, window
+
+    def _recurrence(self, parts: Array, h: Array) -> tuple[Array, Array]:
+        """The new state h and the gated output SiLU(g) * h, (..., D) each, from the mixing
+        product's ``parts`` (..., (G + 1) D: gates, output gate g, candidate c) and the state
+        ``h`` (..., D) before the step (not changed); one stream's vectors or B rows alike."""
+        D, G = self.width, self.gates
+        if self.mingru:  # halved: k / 2, g / 2, c / 2 (k: the update gate's input)
+            t = np.tanh(parts[..., : 2 * D])  # (..., 2D): tanh(k / 2), tanh(g / 2)
+            a = t[..., :D] * -0.5
+            a += 0.5  # a = 1 - sigmoid(k), clamped as the scan clamps log a
+            np.maximum(a, _A_MIN, out=a)
+            t += 1.0
+            gate = t[..., :D]
+            gate *= parts[..., 2 * D :]  # (1 + tanh(k / 2)) * c / 2 = sigmoid(k) * c
+            out = t[..., D:]
+            out *= parts[..., D : 2 * D]  # (1 + tanh(g / 2)) * g / 2 = SiLU(g)
+        else:  # minLSTM
+            diff = _softplus(-parts[..., :D]) - _softplus(-parts[..., D : 2 * D])  # log i - log f
+            a, gate = np.exp(np.maximum(-_softplus(diff), scan.LOG_A_MIN)), _sigmoid(diff)
+            gate *= parts[..., G * D :]  # gate * c
+            g = parts[..., (G - 1) * D : G * D]
+            out = _sigmoid(g.copy())
+            out *= g  # SiLU(g)
+        a *= h
+        a += gate  # a * h + gate * c
+        out *= a
+        return a, out
 
     def _activation(self, m: Array) -> Array:
         """The MLP's activation of ``m``, in place."""
@@ -245,7 +250,7 @@ class _ScanBlock:
 
     def __call__(self, x: Array, state: Array) -> tuple[Array, Array]:
         """The stream (B, D) after the block and the new state (B, K * D), from ``x`` (B, D)."""
-        D, K, G = self.width, scan.KERNEL, self.gates
+        D, K = self.width, scan.KERNEL
         rows = x.shape[0]
         u = _rms_norm(x, self.norm)  # (B, D)
         # the inputs of the last K steps, oldest first: the state's K - 1 and this one. Its tail is
@@ -255,30 +260,7 @@ class _ScanBlock:
         if self.conv_bias is not None:  # (a minGRU's is in the mixing product)
             conv += self.conv_bias
         parts = self.mix(conv)  # (B, (G + 1) * D): gates, output gate g, candidate c
-        if self.mingru:  # halved: k / 2, g / 2, c / 2
-            t = np.tanh(parts[:, : 2 * D])  # (B, 2D): tanh(k / 2), tanh(g / 2)
-            h = t[:, :D] * -0.5
-            h += 0.5  # a = 1 - sigmoid(k), clamped as the scan clamps log a
-            np.maximum(h, _A_MIN, out=h)
-            h *= state[:, :D]
-            t += 1.0
-            gate = t[:, :D]
-            gate *= parts[:, 2 * D :]  # sigmoid(k) * c
-            h += gate  # (B, D): a * h + sigmoid(k) * c
-            sig_g = t[:, D:]
-            sig_g *= parts[:, D : 2 * D]
-            sig_g *= h  # SiLU(g) * h
-        else:
-            c, g = parts[:, G * D :], parts[:, (G - 1) * D : G * D]
-            diff = _softplus(-parts[:, :D]) - _softplus(-parts[:, D : 2 * D])  # log i - log f
-            a, gate = np.exp(np.maximum(-_softplus(diff), scan.LOG_A_MIN)), _sigmoid(diff)
-            sig_g = _sigmoid(g.copy())
-            a *= state[:, :D]
-            gate *= c
-            a += gate
-            h = a  # (B, D): a * h + gate * c
-            sig_g *= g
-            sig_g *= h  # SiLU(g) * h
+        h, sig_g = self._recurrence(parts, state[:, :D])  # (B, D), (B, D)
         x = x + self.out(sig_g)
         m = self.up(_rms_norm(x))  # (B, 4D)
         x += self.down(self._activation(m))
@@ -312,8 +294,6 @@ class Stepper:
         if config.cell.scan:
             self.table = _numpy(model.embedding.weight)  # (V, D)
             self.blocks = [_ScanBlock(block) for block in model.rnn.blocks]
-            # one stream through _ScanBlock.one, where the softmax is full
-            self.one_row = self.full
             return
 
         def weights(name: str) -> list[Array]:
@@ -396,7 +376,7 @@ class Stepper:
         return self._scores(x), new_state
 
     def _scan_step(self, tokens: Array, state: list) -> tuple[Array, list]:
-        if tokens.shape[0] == 1 and self.one_row:  # one stream: vectors (see _ScanBlock.one)
+        if tokens.shape[0] == 1 and self.full:  # one stream: vectors (see _ScanBlock.one)
             x = self.table[tokens[0]]  # (D,), a view: one() changes neither x nor state
             new_state = []
             for block, s in zip(self.blocks, state, strict=True):
