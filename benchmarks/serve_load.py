@@ -3,24 +3,24 @@
     python benchmarks/serve_load.py [--concurrency 1,8,32,128] [--tokens 200] [--seconds 4]
                                     [--rounds 3] [--cell mingru] [--hidden H] [--prompt "The "]
 
-Trains a run of the default model (or ``--cell``, ``--layers``, ``--hidden``) for one step on CPython's own
-documentation (the weights do not change the cost), starts ``charlm serve`` on a free loopback
-port, and for each concurrency runs that many streaming ``/v1/completions`` clients at once, each
-sending requests of ``--tokens`` tokens one after another until ``--seconds`` have passed (the
-request under way is finished: bounded in requests and time), so streams join and leave the batch
-all along. The levels are run ``--rounds`` times, interleaved, and each figure is the median over
-the rounds: the aggregate tokens/s (all tokens over the wall time), the p50/p99 time to first
-token and inter-token latency (gaps between a stream's chunks), and the server's resident memory
-per stream (its peak RSS at that level over its peak with one stream, per extra stream). Beside
-each level, in every round, the server idle: ``Model.samples`` drawing that many streams in one
-batch in this process, again and again for ``--seconds`` as the level ran, the fair limit of a
-server (the same model, the same streams, no server), and the server's tokens/s over it
-("x samples"). Then the
-same levels without HTTP: the server's :class:`~charlm.serve.engine.Engine` in this process, that
-many streams of ``--tokens`` at once for ``--seconds``, so the table shows what the batched step
-itself allows (the server's tokens/s can only come near it, not above) and what the HTTP layer
-costs; and the model's batched step alone (the engine's ``Stepper``, no sampling, no HTTP), whose
-ratio between levels is what this CPU's arithmetic allows. Prints a table and one JSON object.
+Trains a run of the default model (or ``--cell``, ``--layers``, ``--hidden``) for one step on
+CPython's own documentation (the weights do not change the cost), starts ``charlm serve`` on a free
+loopback port, and for each concurrency runs that many streaming ``/v1/completions`` clients at
+once, each sending requests of ``--tokens`` tokens one after another until ``--seconds`` have
+passed (the request under way is finished: bounded in requests and time), so streams join and leave
+the batch all along. The levels are run ``--rounds`` times, interleaved, and each figure is the
+median over the rounds: the aggregate tokens/s (all tokens over the wall time), the p50/p99 time to
+first token and inter-token latency (gaps between a stream's chunks), and the server's resident
+memory per stream (the peak RSS of its processes, its engine's included, at that level over their
+peak with one stream, per extra stream). Beside each level, in every round, the server idle:
+``Model.samples`` drawing that many streams in one batch in this process, again and again for
+``--seconds`` as the level ran, the fair limit of a server (the same model, the same streams, no
+server), and the server's tokens/s over it ("x samples"). Then the same levels without HTTP: the
+server's :class:`~charlm.serve.engine.Engine` in this process, that many streams of ``--tokens`` at
+once for ``--seconds``, so the table shows what the batched step itself allows (the server's
+tokens/s can only come near it, not above) and what the HTTP layer costs; and the model's batched
+step alone (the engine's ``Stepper``, no sampling, no HTTP), whose ratio between levels is what
+this CPU's arithmetic allows. Prints a table and one JSON object.
 
 The clients run in this process (one asyncio loop, aiohttp, its connections kept alive) on the same
 2-core CPU as the server: they take a share of it, as real clients on the same machine would.
@@ -62,10 +62,18 @@ def free_port() -> int:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """The resident memory of process ``pid`` and its children (the server's engines run in
+    processes of their own), MB."""
+    total = 0.0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += sum(rss_mb(int(child)) for child in (task / "children").read_text().split())
+    except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+        pass
+    return total
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -20,16 +20,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
 import charlm
 from charlm.config import SampleConfig
-from charlm.errors import CharlmError, ConfigError
+from charlm.errors import ConfigError
 from charlm.generation.chat import DEFAULT_FORMAT, ChatFormat
 from charlm.serve.app import STREAM_INTERVAL, Limits, _Completions, _events, _Pieces, create_app
 from charlm.serve.engine import CACHE_BYTES, Engine, Request
-from charlm.serve.server import serve
+from charlm.serve.process import EngineProcess
 from tests.conftest import invoke
 
 
@@ -64,9 +63,15 @@ class Running:
         stream_interval: float = STREAM_INTERVAL,
         chat_format: ChatFormat = DEFAULT_FORMAT,
         cache_bytes: int = CACHE_BYTES,
+        process: bool = False,
     ):
-        model = charlm.load(run, device="cpu")
-        self.engine = Engine(model.network, model.run.tokenizer, max_rows, cache_bytes)
+        """``process``: the engine in a process of its own, as ``charlm serve`` runs it."""
+        self.engine: Engine | EngineProcess
+        if process:
+            self.engine = EngineProcess(run, "best", "cpu", max_rows, cache_bytes)
+        else:
+            model = charlm.load(run, device="cpu")
+            self.engine = Engine(model.network, model.run.tokenizer, max_rows, cache_bytes)
         self.engine.start()
         self.port = free_port()
         app = create_app({"tiny": self.engine}, api_key, limits, stream_interval, chat_format)
@@ -750,13 +755,3 @@ def test_the_page_generates_in_headless_chromium(trained_run: Path, tmp_path: Pa
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
-
-
-def test_serve_gives_the_caller_its_threads_back(tmp_path: Path) -> None:
-    """serve() runs its own thread on one thread of arithmetic (the engines' threads do the
-    arithmetic); called from Python, it leaves the caller's setting as it found it, here after a
-    run that cannot be loaded."""
-    before = torch.get_num_threads()
-    with pytest.raises(CharlmError):
-        serve([tmp_path / "no-such-run"], port=0)
-    assert torch.get_num_threads() == before

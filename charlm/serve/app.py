@@ -1,8 +1,8 @@
 """The HTTP face: the shape of OpenAI's completions and chat completions APIs on Starlette, over
-one :class:`Engine` per run served. The requests are declared in :mod:`charlm.serve.protocol`;
-here are the routes, which turn a request into rows of the engine and its text into OpenAI's
-responses and server-sent events. Bad requests get a 4xx with an OpenAI-style JSON error, never a
-500."""
+one engine per run served (:class:`~charlm.serve.engine.Generates`). The requests are declared in
+:mod:`charlm.serve.protocol`; here are the routes, which turn a request into rows of the engine
+and its text into OpenAI's responses and server-sent events. Bad requests get a 4xx with an
+OpenAI-style JSON error, never a 500."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from charlm.config import SampleConfig
 from charlm.generation.chat import DEFAULT_FORMAT, ChatFormat
-from charlm.serve.engine import Busy, Engine, Request, Sink, TooLarge
+from charlm.serve.engine import Busy, Generates, Request, Sink, TooLarge
 from charlm.serve.protocol import ApiError, ChatRequest, CompletionRequest, Limits, Sampling, parse
 
 __all__ = ["STREAM_INTERVAL", "ApiError", "Limits", "create_app"]
@@ -39,7 +39,7 @@ STREAM_INTERVAL = 0.01
 
 
 def create_app(
-    engines: Mapping[str, Engine],
+    engines: Mapping[str, Generates],
     api_key: str | None = None,
     limits: Limits | None = None,
     stream_interval: float = STREAM_INTERVAL,
@@ -174,7 +174,7 @@ _Shape = _Completions | _Chat
 
 async def _answer(
     request: HttpRequest,
-    engine: Engine,
+    engine: Generates,
     ask: Sampling,
     prompts: Sequence[str],
     config: SampleConfig,
@@ -382,7 +382,7 @@ def _not_json(constant: str) -> float:
     raise ValueError(f"{constant} is not a JSON value")
 
 
-def _model(name: str, engines: Mapping[str, Engine]) -> str:
+def _model(name: str, engines: Mapping[str, Generates]) -> str:
     if name not in engines:
         raise ApiError(404, f"the model '{name}' does not exist; GET /v1/models lists them", param="model",
                        code="model_not_found")  # fmt: skip

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -139,6 +140,16 @@ class _Row(Stream):
         self.joined = False
         self.kept = not pending  # its state after the prompt is in the cache (or it read none)
         self.generated: list[int] = []  # the tokens it picked, for the cache (kept only if it is on)
+
+
+class Generates(Protocol):
+    """What the routes need of an engine: :class:`Engine` in the server's process, or
+    :class:`~charlm.serve.process.EngineProcess` for one in a process of its own."""
+
+    @property
+    def active(self) -> int: ...
+
+    def submit(self, requests: list[Request]) -> None: ...
 
 
 class Engine:

@@ -16,10 +16,12 @@ import torch
 import uvicorn
 
 from charlm.api import load
+from charlm.device import resolve_device
 from charlm.errors import ConfigError, Notice, ServeError
 from charlm.generation.chat import DEFAULT_FORMAT, ChatFormat
 from charlm.serve.app import Limits, create_app
-from charlm.serve.engine import CACHE_BYTES, Engine
+from charlm.serve.engine import CACHE_BYTES
+from charlm.serve.process import EngineProcess
 
 
 class _Server(uvicorn.Server):
@@ -67,8 +69,9 @@ def serve(
         cache_bytes: the size of each model's cache of recent prompts' states (0: none).
 
     Raises:
-        ConfigError: bad limits or port. CheckpointError: a run cannot be loaded. ServeError: the
-        address cannot be listened on (taken, or not this machine's).
+        ConfigError: bad limits or port. CheckpointError: a run cannot be loaded. DeviceError: no
+        such device. ServeError: the address cannot be listened on (taken, or not this
+        machine's), or an engine's process cannot start.
     """
     if max_streams < 1:
         raise ConfigError("{max_streams} must be at least 1", fields=("max_streams",))
@@ -82,20 +85,20 @@ def serve(
     for value, field in ((limits.max_tokens, "max_tokens"), (limits.max_prompt_chars, "max_prompt_chars")):
         if value < 1:
             raise ConfigError(f"{{{field}}} must be at least 1, got {value}", fields=(field,))
-    # The engines' threads do the arithmetic, on the process's threads; this thread (the event
-    # loop's) does none, on one thread: a second OpenMP team would slow theirs (see
-    # charlm.serve.engine.ONE_THREAD_ROWS). Set before loading, which is this thread's first; the
-    # caller's setting is back when serving ends (serve() called from Python).
+    # Each engine's process steps on this process's threads of arithmetic; this one does none.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    engines: dict[str, Engine] = {}
+    engines: dict[str, EngineProcess] = {}
     listening: list[socket.socket] = []
     try:
-        models = [load(run, checkpoint, device) for run in runs] if runs else [load(None, checkpoint, device)]
+        # Loaded here, on the CPU, to say at once what cannot be (and to name the latest run);
+        # each engine's process loads its own, on the device (see charlm.serve.process).
+        where = str(resolve_device(device))
+        models = [load(run, checkpoint, "cpu") for run in runs] if runs else [load(None, checkpoint, "cpu")]
         engines = {
-            name: Engine(model.network, model.run.tokenizer, max_streams, cache_bytes, threads)
+            name: EngineProcess(model.path, model.checkpoint, where, max_streams, cache_bytes, threads)
             for name, model in zip(model_ids([m.path for m in models]), models, strict=True)
         }
+        del models
         listening = _listen(host, port)  # before a word is said
         port = listening[0].getsockname()[1]
         if not api_key and not _loopback(host):
@@ -119,7 +122,6 @@ def serve(
             engine.stop()
         for sock in listening:
             sock.close()
-        torch.set_num_threads(threads)
 
 
 def read_chat_format(path: Path) -> ChatFormat:

@@ -1,0 +1,159 @@
+"""charlm serve's engine in a process of its own (charlm.serve.process): the texts, the usage, the
+places and the failures of the engine in the server's process, and a child that never outlives
+the server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from charlm.errors import ServeError
+from charlm.serve.app import Limits
+from charlm.serve.process import EngineProcess
+from tests.test_serve import Running, free_port
+
+
+@pytest.fixture(scope="module")
+def both(trained_run: Path) -> Iterator[tuple[Running, Running]]:
+    """The same run served with the engine in the server's process and in one of its own."""
+    here, there = Running(trained_run), Running(trained_run, process=True)
+    yield here, there
+    here.close()
+    there.close()
+
+
+def test_the_same_texts_and_usage_as_in_the_server_s_process(both: tuple[Running, Running]) -> None:
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 12  # read at once, not in the steps
+    answers = []
+    for running in both:
+        client = running.client()
+        said = []
+        for i, prompt in enumerate(["", "The ", long_prompt]):
+            plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, seed=i, n=2)
+            said.append(([c.text for c in plain.choices], plain.usage.model_dump()))
+            usage = {"include_usage": True}
+            stream = client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=40, seed=i, stream=True, stream_options=usage
+            )
+            chunks = list(stream)
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            said.append((text, chunks[-1].usage.model_dump()))
+        chat = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=30, seed=3
+        )
+        said.append((chat.choices[0].message.content, chat.usage.model_dump()))
+        answers.append(said)
+    assert answers[0] == answers[1]
+    assert any(text for text, _ in answers[1])
+
+
+def test_a_full_engine_refuses_at_once_and_a_client_leaving_frees_its_place(trained_run: Path) -> None:
+    running = Running(trained_run, max_rows=1, limits=Limits(max_tokens=10**7), process=True)
+    try:
+        client = running.client()
+        stream = client.completions.create(model="tiny", prompt="a", max_tokens=10**7, stream=True)
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="tiny", prompt="b", max_tokens=5)
+        assert httpx.get(f"{running.url}/health").json()["active"] == {"tiny": 1}
+        stream.close()
+        deadline = time.time() + 10
+        while running.engine.active and time.time() < deadline:
+            time.sleep(0.05)
+        assert running.engine.active == 0
+        assert client.completions.create(model="tiny", prompt="b", max_tokens=5).usage.completion_tokens == 5
+        with pytest.raises(openai.BadRequestError, match="at most 1 at once"):
+            client.completions.create(model="tiny", prompt="b", max_tokens=5, n=2)
+    finally:
+        running.close()
+
+
+def test_an_engine_process_that_dies_fails_its_requests_and_the_next(trained_run: Path) -> None:
+    """A child killed mid-stream: the stream ends with an error event, a request after it is a 500,
+    and nothing hangs."""
+    running = Running(trained_run, limits=Limits(max_tokens=10**7), process=True)
+    try:
+        client = running.client()
+        stream = client.completions.create(model="tiny", prompt="a", max_tokens=10**7, stream=True)
+        chunks = iter(stream)
+        next(chunks)
+        assert isinstance(running.engine, EngineProcess) and running.engine._process is not None
+        running.engine._process.kill()
+        with pytest.raises(openai.APIError, match="engine's process has ended"):
+            for _ in chunks:
+                pass
+        with pytest.raises(openai.InternalServerError, match="engine's process has ended"):
+            client.completions.create(model="tiny", prompt="b", max_tokens=5)
+        assert running.engine.active == 0
+    finally:
+        running.close()
+
+
+def test_a_run_the_engine_cannot_load_is_its_error(tmp_path: Path) -> None:
+    engine = EngineProcess(tmp_path / "no-such-run", "best", "cpu", 4, 0)
+    with pytest.raises(ServeError, match="no-such-run"):
+        engine.start()
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _gone(pid: int, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z"):  # ended, not reaped
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from /proc")
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_the_engine_s_process_ends_with_the_server(trained_run: Path, how: str) -> None:
+    """Ctrl-C reaches the whole process group: the server drains and stops its engine's process,
+    which ignores it, and exits with 0, no traceback. A server killed outright leaves no engine
+    behind: the child ends when the server's end of the pipe closes."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "charlm", "serve", str(trained_run), "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        children = _children(server.pid)
+        assert len(children) == 1, children
+        if how.startswith("ctrl-c"):
+            os.killpg(server.pid, signal.SIGINT)
+            assert server.wait(timeout=30) == 0
+            assert "Traceback" not in server.communicate()[1]
+        else:
+            server.kill()
+            server.wait(timeout=30)
+        assert _gone(children[0], 20)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.communicate()
