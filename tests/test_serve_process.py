@@ -125,11 +125,12 @@ def _gone(pid: int, seconds: float) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from /proc")
-@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+@pytest.mark.parametrize("how", ["ctrl-c", "ctrl-c twice", "kill"])
 def test_the_engine_s_process_ends_with_the_server(trained_run: Path, how: str) -> None:
     """Ctrl-C reaches the whole process group: the server drains and stops its engine's process,
-    which ignores it, and exits with 0, no traceback. A server killed outright leaves no engine
-    behind: the child ends when the server's end of the pipe closes."""
+    which ignores it, and exits with 0, no traceback, pressed once or twice (the second forces
+    uvicorn's exit). A server killed outright leaves no engine behind: the child ends when the
+    server's end of the pipe closes."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "charlm", "serve", str(trained_run), "--port", str(port), "--device", "cpu"],
@@ -147,6 +148,9 @@ def test_the_engine_s_process_ends_with_the_server(trained_run: Path, how: str) 
         assert len(children) == 1, children
         if how.startswith("ctrl-c"):
             os.killpg(server.pid, signal.SIGINT)
+            if how == "ctrl-c twice":
+                time.sleep(0.05)
+                os.killpg(server.pid, signal.SIGINT)
             assert server.wait(timeout=30) == 0
             assert "Traceback" not in server.communicate()[1]
         else:

@@ -110,7 +110,9 @@ def serve(
                 )
             )
         app = create_app(engines, api_key or None, limits, chat_format=chat_format or DEFAULT_FORMAT)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10, lifespan="off"
+        )  # no startup or shutdown of its own: without one, a second Ctrl-C printed its traceback
         server = _Server(config, lambda: [engine.drain() for engine in engines.values()])
         for engine in engines.values():
             engine.start()
