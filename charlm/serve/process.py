@@ -67,7 +67,9 @@ class EngineProcess:
         self._args = (run, checkpoint, device, cache_bytes, threads)
         self._requests: dict[int, Request] = {}  # sent, not yet finished nor cancelled
         self._next = 0
-        self._lock = threading.Lock()  # the requests, and the pipe's sending end
+        # the requests, and the pipe's sending end; reentrant, since an emit called under it may
+        # cancel its request
+        self._lock = threading.RLock()
         self._conn: Connection | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -91,6 +93,9 @@ class EngineProcess:
         # and took most of a core from the server and its clients, more than it gave the step
         # (docs/benchmarks/serve-load.md). The step's prepacked products keep torch's threads.
         env = {"OPENBLAS_NUM_THREADS": "1", **os.environ}
+        # the child imports what this process would (charlm from where it was found), as
+        # multiprocessing's children do
+        env["PYTHONPATH"] = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
         mine, theirs = socket.socketpair()
         with mine, theirs:  # each side's Connection owns a duplicate
             self._process = subprocess.Popen(
@@ -134,6 +139,9 @@ class EngineProcess:
                 request.cancelled = _Cancel(self, key)
                 sent.append((key, request.prompt, request.config))
             alive = self._send(("submit", sent))
+            if not alive:
+                for key, _, _ in sent:
+                    del self._requests[key]
         if not alive:
             for request in requests:
                 self._gone(request)
