@@ -11,14 +11,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import openai
 import pytest
 
-from charlm.errors import ServeError
+from charlm.errors import CheckpointError, ServeError
 from charlm.serve.app import Limits
 from charlm.serve.process import EngineProcess
+from tests.conftest import invoke
 from tests.test_serve import Running, free_port
 
 
@@ -99,9 +101,26 @@ def test_an_engine_process_that_dies_fails_its_requests_and_the_next(trained_run
 
 
 def test_a_run_the_engine_cannot_load_is_its_error(tmp_path: Path) -> None:
+    """The child's own error, raised again by the server: the same class (so the same exit code)
+    and the same fields, worded by each face."""
     engine = EngineProcess(tmp_path / "no-such-run", "best", "cpu", 4, 0)
-    with pytest.raises(ServeError, match="no-such-run"):
+    with pytest.raises(CheckpointError, match="no-such-run"):
         engine.start()
+    said = invoke("serve", tmp_path / "no-such-run", "--port", "0")
+    assert said.exit_code == 1 and said.stderr.strip() == f"error: run not found: {tmp_path / 'no-such-run'}"
+    with pytest.raises(ServeError, match="did not start"):  # a child that says nothing in time
+        slow = EngineProcess(tmp_path / "no-such-run", "best", "cpu", 4, 0)
+        with mock.patch("charlm.serve.process.START_SECONDS", 0.01):
+            slow.start()
+
+
+def test_the_http_process_does_not_import_pytorch() -> None:
+    """The server's own process only speaks HTTP: its memory is that of Starlette and uvicorn, not
+    PyTorch's (about 190 MB), which the engines' processes hold."""
+    modules = "charlm.cli.app, charlm.cli.serve, charlm.serve.server"
+    code = f"import sys, {modules}; print(sorted({{'torch', 'numpy'}} & set(sys.modules)))"
+    said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert said.stdout.strip() == "[]"
 
 
 def _children(pid: int) -> list[int]:

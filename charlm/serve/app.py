@@ -1,5 +1,5 @@
 """The HTTP face: the shape of OpenAI's completions and chat completions APIs on Starlette, over
-one engine per run served (:class:`~charlm.serve.engine.Generates`). The requests are declared in
+one engine per run served (:class:`~charlm.serve.streams.Generates`). The requests are declared in
 :mod:`charlm.serve.protocol`; here are the routes, which turn a request into rows of the engine
 and its text into OpenAI's responses and server-sent events. Bad requests get a 4xx with an
 OpenAI-style JSON error, never a 500."""
@@ -24,9 +24,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from charlm.config import SampleConfig
-from charlm.generation.chat import DEFAULT_FORMAT, ChatFormat
-from charlm.serve.engine import Busy, Generates, Request, Sink, TooLarge
+from charlm.generation.transcript import DEFAULT_FORMAT, ChatFormat
 from charlm.serve.protocol import ApiError, ChatRequest, CompletionRequest, Limits, Sampling, parse
+from charlm.serve.streams import Busy, Generates, Request, Sink, TooLarge
 
 __all__ = ["STREAM_INTERVAL", "ApiError", "Limits", "create_app"]
 

@@ -15,65 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-from charlm.config import SampleConfig
 from charlm.data.tokenizer import Tokenizer
-from charlm.errors import CharlmError
 from charlm.generation.batch import TAIL_CHARS, BatchSampler, RowDecoder, Stream
 from charlm.generation.rows import Rows, fast_stepper
 from charlm.generation.sampling import HISTORY_TOKENS, Context, Picker, make_generator, read
 from charlm.model.network import RNNLM
 from charlm.serve.cache import Entry, StateCache
+from charlm.serve.streams import CACHE_BYTES, Busy, Emit, Generates, Request, Sink, TooLarge, deliver
 
-# (piece of text or None, finish reason or None): a piece, then once ("", "stop" | "length")
-Emit = Callable[[str, str | None], None]
-
-
-class Sink:
-    """Where one choice's text goes: an asyncio queue of (index, piece, finish) in the server's
-    event loop. The engine hands a whole step's pieces to each loop at once (one wake-up a step,
-    not one a token); called alone, it hands over one piece."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int) -> None:
-        self.loop, self.queue, self.index = loop, queue, index
-
-    def __call__(self, piece: str, finish: str | None) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, piece, finish))
-
-
-def _deliver(items: list[tuple[asyncio.Queue, tuple[int, str, str | None]]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
-class Busy(CharlmError):
-    """Every row is taken: the request is refused (HTTP 429), not queued without bound."""
-
-
-class TooLarge(CharlmError):
-    """A request of more streams than the engine ever generates at once (HTTP 400: waiting would
-    not help)."""
-
-
-@dataclass(eq=False)  # one request is one stream: the same only as itself
-class Request:
-    """One completion: a prompt, how to sample it (``config.length`` is max_tokens), and where its
-    text goes. ``emit`` is called from the engine's thread; ``cancelled`` is set by the caller
-    when its client has gone, and the row is dropped at the next step."""
-
-    prompt: str
-    config: SampleConfig
-    emit: Emit
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
+__all__ = ["CACHE_BYTES", "Busy", "Emit", "Engine", "Generates", "Request", "Sink", "TooLarge"]
 
 # A prompt of up to this many tokens is read as rows of the batched steps, one token a step,
 # beside the streams being generated (which a prompt read at once by the module would stall for
@@ -90,9 +44,6 @@ ONE_THREAD_ROWS = 48
 # A prompt of up to this many characters is encoded in the engine's thread to count its tokens
 # (tens of microseconds); a longer one is encoded in the prompt thread too.
 ENCODE_CHARS = 4096
-# The cache of states' size by default: thousands of conversations of a default model (a state of
-# a few kilobytes, its scores and its token ids).
-CACHE_BYTES = 64 * 2**20
 
 
 # A prompt's tokens (the start-of-text newline not included) and the kept state that read a
@@ -140,16 +91,6 @@ class _Row(Stream):
         self.joined = False
         self.kept = not pending  # its state after the prompt is in the cache (or it read none)
         self.generated: list[int] = []  # the tokens it picked, for the cache (kept only if it is on)
-
-
-class Generates(Protocol):
-    """What the routes need of an engine: :class:`Engine` in the server's process, or
-    :class:`~charlm.serve.process.EngineProcess` for one in a process of its own."""
-
-    @property
-    def active(self) -> int: ...
-
-    def submit(self, requests: list[Request]) -> None: ...
 
 
 class Engine:
@@ -384,7 +325,7 @@ class Engine:
     def _flush(self) -> None:
         out, self._out = self._out, {}
         for loop, items in out.items():
-            loop.call_soon_threadsafe(_deliver, items)
+            loop.call_soon_threadsafe(deliver, items)
 
     def _step(self, rows: list[_Row]) -> None:
         """One step of the sampler: the rows admitted since the last join it, every row that has

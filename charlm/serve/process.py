@@ -32,11 +32,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from charlm import errors
 from charlm.config import SampleConfig
 from charlm.errors import CharlmError, ServeError
-from charlm.serve.engine import Busy, Request, Sink, TooLarge, _deliver
+from charlm.serve.streams import Busy, Request, Sink, TooLarge, deliver
 
 # how long the server waits for a child to load its model and say it is ready (seconds)
 START_SECONDS = 300.0
@@ -49,22 +48,24 @@ class EngineProcess:
     ``start``, ``drain`` and ``stop`` as :class:`~charlm.serve.engine.Engine`.
 
     Args:
-        run: the run directory the child loads (``checkpoint``, ``device`` as :func:`charlm.load`).
-        max_rows, cache_bytes, threads: the engine's (see :class:`~charlm.serve.engine.Engine`);
-            the server counts the rows itself, so that a refusal is said at once.
+        run: the run directory the child loads (None: the latest run; ``checkpoint`` and
+            ``device`` as :func:`charlm.load`). Once started, ``run`` is the one it loaded.
+        max_rows, cache_bytes: the engine's (see :class:`~charlm.serve.engine.Engine`); the
+            server counts the rows itself, so that a refusal is said at once.
+        threads: the engine's threads of arithmetic; None: the child's default.
     """
 
     def __init__(
         self,
-        run: Path,
+        run: Path | None,
         checkpoint: str,
         device: str,
         max_rows: int,
         cache_bytes: int,
         threads: int | None = None,
     ) -> None:
-        self.max_rows = max_rows
-        self._args = (run, checkpoint, device, cache_bytes, threads)
+        self.max_rows, self.run = max_rows, run
+        self._args = (checkpoint, device, cache_bytes, threads)
         self._requests: dict[int, Request] = {}  # sent, not yet finished nor cancelled
         self._next = 0
         # the requests, and the pipe's sending end; reentrant, since an emit called under it may
@@ -80,14 +81,15 @@ class EngineProcess:
             return len(self._requests)
 
     def start(self) -> None:
-        """Start the child and wait until its engine runs.
+        """Start the child and wait until its engine runs (:meth:`launch`, then :meth:`wait`)."""
+        self.launch()
+        self.wait()
 
-        Raises:
-            CharlmError: the child could not load the run (its own error, said again here), or
-            ended before it was ready.
-        """
-        run, checkpoint, device, cache_bytes, threads = self._args
-        args = json.dumps({"run": str(run), "checkpoint": checkpoint, "device": device,
+    def launch(self) -> None:
+        """Start the child, which loads the run (several children load theirs at once)."""
+        checkpoint, device, cache_bytes, threads = self._args
+        run = None if self.run is None else str(self.run)
+        args = json.dumps({"run": run, "checkpoint": checkpoint, "device": device,
                            "cache_bytes": cache_bytes, "threads": threads})  # fmt: skip
         # One OpenBLAS thread, unless told otherwise: its second thread waits for work by spinning,
         # and took most of a core from the server and its clients, more than it gave the step
@@ -102,21 +104,38 @@ class EngineProcess:
                 [sys.executable, "-m", "charlm.serve.process", str(theirs.fileno()), args],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env,
             )  # fmt: skip
-            ours = self._conn = Connection(mine.detach())
+            self._conn = Connection(mine.detach())
         # the child's end is closed here: ours alone reads EOF when the child has gone
-        failed: str | None = None
+
+    def wait(self) -> None:
+        """Wait until the child's engine runs.
+
+        Raises:
+            CharlmError: the child could not load the run (its own error, a CheckpointError or a
+            DeviceError, raised again here), or it ended before it was ready (ServeError).
+        """
+        assert self._conn is not None and self._process is not None, "launch() first"
+        failed: CharlmError | None = None
         try:
-            if not ours.poll(START_SECONDS):
-                failed = f"the engine's process did not start in {START_SECONDS:g} s"
+            if not self._conn.poll(START_SECONDS):
+                failed = ServeError(f"the engine's process did not start in {START_SECONDS:g} s")
             else:
-                kind, said = ours.recv()
-                if kind != "ready":
-                    failed = said
+                said = self._conn.recv()
+                if said[0] == "ready":
+                    self.run = Path(said[1])
+                else:
+                    kind, template, fields = said[1:]
+                    error = getattr(errors, kind, None)
+                    if not (isinstance(error, type) and issubclass(error, CharlmError)):
+                        error = ServeError
+                    failed = error(template, fields=fields)
         except (EOFError, OSError):
-            failed = f"the engine's process ended as it started (exit code {self._process.poll()})"
+            failed = ServeError(
+                f"the engine's process ended as it started (exit code {self._process.poll()})"
+            )
         if failed is not None:
             self.stop()
-            raise ServeError(failed)
+            raise failed
         self._reader = threading.Thread(target=self._read, name="charlm-engine-pipe", daemon=True)
         self._reader.start()
 
@@ -208,7 +227,7 @@ class EngineProcess:
                         sink(piece, finish)
             for loop, items in out.items():
                 with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits for these
-                    loop.call_soon_threadsafe(_deliver, items)
+                    loop.call_soon_threadsafe(deliver, items)
         with self._lock:
             left, self._requests = list(self._requests.values()), {}
         for request in left:
@@ -244,7 +263,7 @@ class _Pipe:
 
     def call_soon_threadsafe(self, callback: Any, *args: Any) -> None:
         with self.lock:
-            callback(*args)  # _deliver, or a _Box's put_nowait: fills self.pieces
+            callback(*args)  # deliver, or a _Box's put_nowait: fills self.pieces
             pieces, self.pieces = self.pieces, []
             with contextlib.suppress(OSError, ValueError):  # the server has gone: the child ends
                 self.conn.send(pieces)
@@ -266,10 +285,12 @@ class _Box:
 
 
 def _child(
-    conn: Connection, run: Path, checkpoint: str, device: str, cache_bytes: int, threads: int | None
+    conn: Connection, run: Path | None, checkpoint: str, device: str, cache_bytes: int, threads: int | None
 ) -> None:
     """The child: load the run, start its engine, say so, then carry out the server's messages
     until told to stop or the server has gone."""
+    import torch
+
     from charlm.api import load
     from charlm.serve.engine import Engine
 
@@ -280,10 +301,13 @@ def _child(
         # the server counts rows and refuses the extra ones; here a cancelled row may linger a step
         engine = Engine(model.network, model.run.tokenizer, 2**31, cache_bytes, threads)
         engine.start()
-    except Exception as exc:  # said by the server, as its own error
-        conn.send(("failed", str(exc) if isinstance(exc, CharlmError) else f"{type(exc).__name__}: {exc}"))
+    except CharlmError as exc:  # raised again by the server, as its own
+        conn.send(("failed", type(exc).__name__, exc.template, exc.fields))
         return
-    conn.send(("ready", None))
+    except Exception as exc:  # the server's failure to start
+        conn.send(("failed", "ServeError", f"{type(exc).__name__}: {exc}", ()))
+        return
+    conn.send(("ready", str(model.path)))
     pipe = _Pipe(conn)
     requests: dict[int, Request] = {}  # sent and not finished (a finished one is taken out)
     try:
@@ -323,6 +347,6 @@ def _noop(piece: str, finish: str | None) -> None:
 if __name__ == "__main__":  # the child: python -m charlm.serve.process FD ARGS (EngineProcess.start)
     given = json.loads(sys.argv[2])
     _child(
-        Connection(int(sys.argv[1])), Path(given["run"]), given["checkpoint"], given["device"],
-        given["cache_bytes"], given["threads"],
+        Connection(int(sys.argv[1])), given["run"] and Path(given["run"]), given["checkpoint"],
+        given["device"], given["cache_bytes"], given["threads"],
     )  # fmt: skip

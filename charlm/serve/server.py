@@ -8,20 +8,18 @@ import json
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-import torch
 import uvicorn
 
-from charlm.api import load
-from charlm.device import resolve_device
 from charlm.errors import ConfigError, Notice, ServeError
-from charlm.generation.chat import DEFAULT_FORMAT, ChatFormat
+from charlm.generation.transcript import DEFAULT_FORMAT, ChatFormat
 from charlm.serve.app import Limits, create_app
-from charlm.serve.engine import CACHE_BYTES
 from charlm.serve.process import EngineProcess
+from charlm.serve.streams import CACHE_BYTES
 
 
 class _Server(uvicorn.Server):
@@ -85,22 +83,26 @@ def serve(
     for value, field in ((limits.max_tokens, "max_tokens"), (limits.max_prompt_chars, "max_prompt_chars")):
         if value < 1:
             raise ConfigError(f"{{{field}}} must be at least 1, got {value}", fields=(field,))
-    # Each engine's process steps on this process's threads of arithmetic; this one does none.
-    threads = torch.get_num_threads()
-    engines: dict[str, EngineProcess] = {}
+    # Each engine's process loads its run and steps it; this one only speaks HTTP, and never
+    # imports PyTorch (a caller's own setting of its threads is passed on).
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    processes: list[EngineProcess] = []
     listening: list[socket.socket] = []
     try:
-        # Loaded here, on the CPU, to say at once what cannot be (and to name the latest run);
-        # each engine's process loads its own, on the device (see charlm.serve.process).
-        where = str(resolve_device(device))
-        models = [load(run, checkpoint, "cpu") for run in runs] if runs else [load(None, checkpoint, "cpu")]
-        engines = {
-            name: EngineProcess(model.path, model.checkpoint, where, max_streams, cache_bytes, threads)
-            for name, model in zip(model_ids([m.path for m in models]), models, strict=True)
-        }
-        del models
         listening = _listen(host, port)  # before a word is said
         port = listening[0].getsockname()[1]
+        processes = [
+            EngineProcess(run, checkpoint, device, max_streams, cache_bytes, threads)
+            for run in (runs or [None])
+        ]
+        for engine in processes:  # the runs load at once, each in its process
+            engine.launch()
+        for engine in processes:
+            engine.wait()
+        engines = dict(
+            zip(model_ids([e.run for e in processes if e.run is not None]), processes, strict=True)
+        )
         if not api_key and not _loopback(host):
             on_status(
                 Notice(
@@ -113,14 +115,12 @@ def serve(
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10, lifespan="off"
         )  # no startup or shutdown of its own: without one, a second Ctrl-C printed its traceback
-        server = _Server(config, lambda: [engine.drain() for engine in engines.values()])
-        for engine in engines.values():
-            engine.start()
+        server = _Server(config, lambda: [engine.drain() for engine in processes])
         shown = f"[{host}]" if ":" in host else host or "0.0.0.0"  # an IPv6 address in a URL; "": all
         on_status(f"serving {', '.join(engines)} on http://{shown}:{port} (pid {os.getpid()})")
         server.run(sockets=listening)
     finally:
-        for engine in engines.values():  # one never started stops at once
+        for engine in processes:  # one never started stops at once
             engine.stop()
         for sock in listening:
             sock.close()
