@@ -25,7 +25,17 @@ from charlm.generation.rows import Rows, fast_stepper
 from charlm.generation.sampling import HISTORY_TOKENS, Context, Picker, make_generator, read
 from charlm.model.network import RNNLM
 from charlm.serve.cache import Entry, StateCache
-from charlm.serve.streams import CACHE_BYTES, Busy, Emit, Generates, Request, Sink, TooLarge, deliver
+from charlm.serve.streams import (
+    CACHE_BYTES,
+    Busy,
+    Emit,
+    Generates,
+    Request,
+    Sink,
+    TooLarge,
+    deliver,
+    make_room,
+)
 
 __all__ = ["CACHE_BYTES", "Busy", "Emit", "Engine", "Generates", "Request", "Sink", "TooLarge"]
 
@@ -147,12 +157,10 @@ class Engine:
         Raises:
             TooLarge: they are more than ``max_rows``. Busy: they would exceed it now.
         """
-        if len(requests) > self.max_rows:
-            raise TooLarge(f"this request asks for {len(requests)} streams (prompts x n); this server "
-                           f"generates at most {self.max_rows} at once")  # fmt: skip
         with self._lock:
-            if len(self._rows) + len(self._arrived) + self._still_reading() + len(requests) > self.max_rows:
-                raise Busy(f"the server is generating {self.max_rows} streams at once; try again shortly")
+            make_room(
+                len(requests), len(self._rows) + len(self._arrived) + self._still_reading(), self.max_rows
+            )
             self._arrived.extend(requests)
             self._lock.notify()
 

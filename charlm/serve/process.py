@@ -35,7 +35,7 @@ from typing import Any
 from charlm import errors
 from charlm.config import SampleConfig
 from charlm.errors import CharlmError, ServeError
-from charlm.serve.streams import Busy, Request, Sink, TooLarge, deliver
+from charlm.serve.streams import Request, Sink, deliver, make_room
 
 # how long the server waits for a child to load its model and say it is ready (seconds)
 START_SECONDS = 300.0
@@ -145,12 +145,8 @@ class EngineProcess:
         Raises:
             TooLarge: they are more than ``max_rows``. Busy: they would exceed it now.
         """
-        if len(requests) > self.max_rows:
-            raise TooLarge(f"this request asks for {len(requests)} streams (prompts x n); this server "
-                           f"generates at most {self.max_rows} at once")  # fmt: skip
         with self._lock:
-            if len(self._requests) + len(requests) > self.max_rows:
-                raise Busy(f"the server is generating {self.max_rows} streams at once; try again shortly")
+            make_room(len(requests), len(self._requests), self.max_rows)
             sent = []
             for request in requests:
                 key, self._next = self._next, self._next + 1

@@ -49,6 +49,19 @@ class TooLarge(CharlmError):
     not help)."""
 
 
+def make_room(asked: int, running: int, max_rows: int) -> None:
+    """Refuse ``asked`` more streams beside ``running`` where they would be more than ``max_rows``.
+
+    Raises:
+        TooLarge: they are more than ``max_rows`` by themselves. Busy: with those running.
+    """
+    if asked > max_rows:
+        raise TooLarge(f"this request asks for {asked} streams (prompts x n); this server generates "
+                       f"at most {max_rows} at once")  # fmt: skip
+    if running + asked > max_rows:
+        raise Busy(f"the server is generating {max_rows} streams at once; try again shortly")
+
+
 @dataclass(eq=False)  # one request is one stream: the same only as itself
 class Request:
     """One completion: a prompt, how to sample it (``config.length`` is max_tokens), and where its
