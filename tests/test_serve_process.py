@@ -4,10 +4,12 @@ the server."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,7 +97,10 @@ def test_an_engine_process_that_dies_fails_its_requests_and_the_next(trained_run
                 pass
         with pytest.raises(openai.InternalServerError, match="engine's process has ended"):
             client.completions.create(model="tiny", prompt="b", max_tokens=5)
-        assert running.engine.active == 0
+        assert running.engine.active == 0 and not running.engine.alive
+        health = httpx.get(f"{running.url}/health")  # what a supervisor polls
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        assert health.json()["ended"] == ["tiny"]
     finally:
         running.close()
 
@@ -143,40 +148,166 @@ def _gone(pid: int, seconds: float) -> bool:
     return False
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from /proc")
-@pytest.mark.parametrize("how", ["ctrl-c", "ctrl-c twice", "kill"])
-def test_the_engine_s_process_ends_with_the_server(trained_run: Path, how: str) -> None:
-    """Ctrl-C reaches the whole process group: the server drains and stops its engine's process,
-    which ignores it, and exits with 0, no traceback, pressed once or twice (the second forces
-    uvicorn's exit). A server killed outright leaves no engine behind: the child ends when the
-    server's end of the pipe closes."""
+def _start(
+    run: Path, *runs: Path, cwd: Path | None = None, ready: bool = True
+) -> tuple[subprocess.Popen[str], int]:
+    """``charlm serve`` (the console script, as a user types it) in a session of its own, the
+    group a terminal's Ctrl-C would reach; with ``ready``, once it answers."""
     port = free_port()
+    script = Path(sys.executable).with_name("charlm")
     server = subprocess.Popen(
-        [sys.executable, "-m", "charlm", "serve", str(trained_run), "--port", str(port), "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [str(script), "serve", str(run), *map(str, runs), "--port", str(port), "--device", "cpu",
+         "--max-tokens", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd,
     )  # fmt: skip
+    deadline = time.time() + 60
+    while ready and time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    return server, port
+
+
+def _stream(port: int, model: str, events: list[str]) -> threading.Thread:
+    """A long stream read in a thread, its events into ``events``."""
+
+    def read() -> None:
+        body = {"model": model, "prompt": "a", "max_tokens": 100_000, "stream": True}
+        try:
+            with httpx.stream(
+                "POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60
+            ) as reply:
+                events.extend(line for line in reply.iter_lines() if line)
+        except httpx.HTTPError as exc:
+            events.append(f"client error: {exc!r}")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    deadline = time.time() + 30
+    while len(events) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    return reader
+
+
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/task").exists(), reason="reads a process's children from /proc"
+)
+
+
+@needs_proc
+@pytest.mark.parametrize("how", ["ctrl-c", "ctrl-c twice", "sigterm to both", "kill"])
+def test_the_engine_s_process_ends_with_the_server(trained_run: Path, how: str) -> None:
+    """Ctrl-C at the terminal reaches the server's process group, not its engine's process (a
+    session of its own): the server ends the stream properly (its last chunk, then [DONE]), stops
+    the engine and exits with 0, no traceback, pressed once or twice (the second forces uvicorn's
+    exit). A SIGTERM to every process, as systemd sends it, does the same: the engine ignores it.
+    A server killed outright leaves no engine behind: the child ends when the server's end of the
+    pipe closes. A run given twice is one model, one engine."""
+    server, port = _start(trained_run, trained_run.parent / ".." / trained_run.parent.name / trained_run.name)
+    events: list[str] = []
+    reader: threading.Thread | None = None
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         children = _children(server.pid)
         assert len(children) == 1, children
+        reader = _stream(port, trained_run.name, events)
         if how.startswith("ctrl-c"):
             os.killpg(server.pid, signal.SIGINT)
             if how == "ctrl-c twice":
                 time.sleep(0.05)
                 os.killpg(server.pid, signal.SIGINT)
-            assert server.wait(timeout=30) == 0
-            assert "Traceback" not in server.communicate()[1]
+        elif how == "sigterm to both":
+            os.kill(children[0], signal.SIGTERM)
+            os.kill(server.pid, signal.SIGTERM)
         else:
             server.kill()
-            server.wait(timeout=30)
+        code = server.wait(timeout=30)
+        reader.join(timeout=30)
+        if how != "kill":
+            assert code == 0
+            assert events[-1] == "data: [DONE]", events[-3:]
+            assert json.loads(events[-2][len("data: ") :])["choices"][0]["finish_reason"] == "stop"
         assert _gone(children[0], 20)
+        assert "Traceback" not in server.communicate()[1]
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
         server.communicate()
+        if reader is not None:
+            reader.join(timeout=30)
+
+
+@needs_proc
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_stopping_the_server_while_its_engine_loads(trained_run: Path, how: str) -> None:
+    """Ctrl-C before the server is up is "interrupted" and exit 130; a server killed then leaves
+    an engine that, once loaded, finds nobody to tell and ends without a word."""
+    server, _ = _start(trained_run, ready=False)
+    try:
+        deadline = time.time() + 30
+        while not _children(server.pid) and time.time() < deadline:
+            time.sleep(0.02)
+        child = _children(server.pid)[0]
+        if how == "ctrl-c":
+            os.killpg(server.pid, signal.SIGINT)
+            assert server.wait(timeout=30) == 130
+        else:
+            server.kill()
+            server.wait(timeout=30)
+        assert _gone(child, 30)
+        said = server.communicate()[1]
+        assert "Traceback" not in said and "Error" not in said, said
+        if how == "ctrl-c":
+            assert said.strip().endswith("interrupted")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.communicate()
+
+
+@needs_proc
+def test_an_engine_that_ends_is_said_and_health_answers_503(trained_run: Path) -> None:
+    """An engine killed behind the server's back: one line on the server's stderr, GET /health
+    503 naming the model, its requests a 500 at once; the server still stops cleanly."""
+    server, port = _start(trained_run)
+    try:
+        os.kill(_children(server.pid)[0], signal.SIGKILL)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 20
+        while httpx.get(f"{url}/health").status_code == 200 and time.time() < deadline:
+            time.sleep(0.05)
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["ended"] == [trained_run.name]
+        reply = httpx.post(f"{url}/v1/completions", json={"model": trained_run.name, "prompt": "a"})
+        assert reply.status_code == 500 and "engine's process has ended" in reply.json()["error"]["message"]
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+        said = server.communicate()[1]
+        assert f"error: the engine of {trained_run.name} has ended (exit code -9)" in said
+        assert "Traceback" not in said
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.communicate()
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="python -P (no working directory on the path) is 3.11's"
+)
+def test_a_module_in_the_working_directory_does_not_shadow_the_engine_s(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    """``charlm serve`` run where a user keeps a ``random.py`` of their own: the server's console
+    script never imports it, and neither does its engine's process."""
+    (tmp_path / "random.py").write_text("raise SystemExit('the working directory was imported')\n")
+    server, port = _start(trained_run, cwd=tmp_path)
+    try:
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                           json={"model": trained_run.name, "prompt": "a", "max_tokens": 5})  # fmt: skip
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        said = server.communicate()[1]
+    assert "working directory was imported" not in said

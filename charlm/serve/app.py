@@ -79,9 +79,13 @@ def create_app(
             return exc.response()
 
     async def health(request: HttpRequest) -> Response:
-        return JSONResponse(
-            {"status": "ok", "models": list(engines), "active": {n: e.active for n, e in engines.items()}}
-        )
+        # 503 where a model's engine has ended: its requests fail until the server is restarted,
+        # which is what a supervisor polling this needs to know
+        ended = [name for name, engine in engines.items() if not engine.alive]
+        figures = {"models": list(engines), "active": {n: e.active for n, e in engines.items()}}
+        if ended:
+            return JSONResponse({"status": "error", "ended": ended, **figures}, status_code=503)
+        return JSONResponse({"status": "ok", **figures})
 
     async def page(request: HttpRequest) -> Response:
         return HTMLResponse(resources.files("charlm.serve").joinpath("page.html").read_text(encoding="utf-8"))

@@ -143,6 +143,11 @@ class Engine:
         self.steps = 0
 
     @property
+    def alive(self) -> bool:
+        """Always: a failure of a step ends the streams it held, not the engine."""
+        return True
+
+    @property
     def active(self) -> int:
         with self._lock:
             return len(self._rows) + len(self._arrived) + self._still_reading()

@@ -13,9 +13,10 @@ hang, and multiprocessing's "spawn" would run the caller's script again), and th
 Between the two, one pipe each way: requests, cancellations, drain and stop go to the child; the
 child sends each step's pieces as one message (index, piece, finish and the request's token
 counts), which a thread of the server hands to each event loop at once, one wake-up a step as the
-engine does in one process. The child ignores SIGINT (Ctrl-C in a terminal reaches the whole
-group; the server drains and stops it), and ends when the server's end of the pipe closes, even
-where the server was killed.
+engine does in one process. The child runs in a session of its own and ignores SIGINT and SIGTERM:
+the server drains its streams and stops it, and it ends when the server's end of the pipe closes,
+even where the server was killed. One that ends otherwise (killed, crashed) fails its requests and
+every later one, and the server says so (:attr:`EngineProcess.alive`, ``/health``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,16 @@ class EngineProcess:
         self._conn: Connection | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
+        self._stopping = False
+        # the child's exit code, where it ended without being told to stop (killed, crashed)
+        self.ended: int | None = None
+        # called (from the pipe's thread) with that exit code when it does, to say so
+        self.on_end: Callable[[int], None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        """False once the child has ended without being told to stop: its requests fail."""
+        return self.ended is None
 
     @property
     def active(self) -> int:
@@ -100,9 +112,14 @@ class EngineProcess:
         env["PYTHONPATH"] = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
         mine, theirs = socket.socketpair()
         with mine, theirs:  # each side's Connection owns a duplicate
+            # A session of its own: Ctrl-C at the terminal, or a signal to the server's process
+            # group, is the server's to handle (it ends the streams, then stops the child). -P
+            # (Python 3.11+): the working directory's modules (a user's random.py) do not shadow
+            # the ones the server imports.
+            safe = ["-P"] if sys.version_info >= (3, 11) else []
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "charlm.serve.process", str(theirs.fileno()), args],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env,
+                [sys.executable, *safe, "-m", "charlm.serve.process", str(theirs.fileno()), args],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env, start_new_session=True,
             )  # fmt: skip
             self._conn = Connection(mine.detach())
         # the child's end is closed here: ours alone reads EOF when the child has gone
@@ -169,6 +186,7 @@ class EngineProcess:
     def stop(self) -> None:
         """Stop the child's engine and wait for the child (then end it, where it will not go)."""
         with self._lock:
+            self._stopping = True
             self._send(("stop", None))
         if self._process is not None:
             try:
@@ -226,8 +244,14 @@ class EngineProcess:
                     loop.call_soon_threadsafe(deliver, items)
         with self._lock:
             left, self._requests = list(self._requests.values()), {}
+            unasked = not self._stopping
         for request in left:
             self._gone(request)
+        if unasked and self._process is not None:
+            code = self._process.wait()
+            self.ended = code
+            if self.on_end is not None:
+                self.on_end(code)
 
     @staticmethod
     def _gone(request: Request) -> None:
@@ -290,7 +314,6 @@ def _child(
     from charlm.api import load
     from charlm.serve.engine import Engine
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     torch.set_num_threads(1)  # this thread does no arithmetic (see serve())
     try:
         model = load(run, checkpoint, device)
@@ -298,12 +321,14 @@ def _child(
         engine = Engine(model.network, model.run.tokenizer, 2**31, cache_bytes, threads)
         engine.start()
     except CharlmError as exc:  # raised again by the server, as its own
-        conn.send(("failed", type(exc).__name__, exc.template, exc.fields))
+        _say(conn, ("failed", type(exc).__name__, exc.template, exc.fields))
         return
     except Exception as exc:  # the server's failure to start
-        conn.send(("failed", "ServeError", f"{type(exc).__name__}: {exc}", ()))
+        _say(conn, ("failed", "ServeError", f"{type(exc).__name__}: {exc}", ()))
         return
-    conn.send(("ready", str(model.path)))
+    if not _say(conn, ("ready", str(model.path))):  # the server has gone meanwhile
+        engine.stop()
+        return
     pipe = _Pipe(conn)
     requests: dict[int, Request] = {}  # sent and not finished (a finished one is taken out)
     try:
@@ -327,6 +352,15 @@ def _child(
         engine.stop()
 
 
+def _say(conn: Connection, message: tuple) -> bool:
+    """Send ``message`` to the server; False where it has gone (the child then ends quietly)."""
+    try:
+        conn.send(message)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _request(
     pipe: _Pipe, requests: dict[int, Request], key: int, prompt: str, config: SampleConfig
 ) -> Request:
@@ -341,6 +375,10 @@ def _noop(piece: str, finish: str | None) -> None:
 
 
 if __name__ == "__main__":  # the child: python -m charlm.serve.process FD ARGS (EngineProcess.start)
+    # The server stops it (a SIGTERM to all of a service's processes, as systemd sends, must not
+    # cut the streams it is ending); it ends by itself when the server's end of the pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     given = json.loads(sys.argv[2])
     _child(
         Connection(int(sys.argv[1])), given["run"] and Path(given["run"]), given["checkpoint"],

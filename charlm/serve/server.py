@@ -92,9 +92,12 @@ def serve(
     try:
         listening = _listen(host, port)  # before a word is said
         port = listening[0].getsockname()[1]
+        unique: dict[Path, Path] = {}  # a run given twice (runA ./runA) is one model: one engine
+        for run in runs:
+            unique.setdefault(Path(run).resolve(), Path(run))
         processes = [
             EngineProcess(run, checkpoint, device, max_streams, cache_bytes, threads)
-            for run in (runs or [None])
+            for run in (list(unique.values()) or [None])
         ]
         for engine in processes:  # the runs load at once, each in its process
             engine.launch()
@@ -103,6 +106,11 @@ def serve(
         engines = dict(
             zip(model_ids([e.run for e in processes if e.run is not None]), processes, strict=True)
         )
+        for name, engine in engines.items():
+            engine.on_end = lambda code, name=name: on_status(
+                f"error: the engine of {name} has ended (exit code {code}); its requests fail until "
+                "the server is restarted (GET /health answers 503)"
+            )
         if not api_key and not _loopback(host):
             on_status(
                 Notice(

@@ -83,4 +83,9 @@ class Generates(Protocol):
     @property
     def active(self) -> int: ...
 
+    @property
+    def alive(self) -> bool:
+        """False once it can no longer generate (its process has ended): ``/health`` says so."""
+        ...
+
     def submit(self, requests: list[Request]) -> None: ...
