@@ -189,8 +189,8 @@ class EngineProcess:
             self._stopping = True
             self._send(("stop", None))
         if self._process is not None:
-            try:
-                self._process.wait(timeout=10)
+            try:  # one still loading its run has no streams to end: it need not be waited for
+                self._process.wait(timeout=10 if self._reader is not None else 0)
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait(timeout=10)
