@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -89,6 +90,11 @@ def serve(
     threads = torch.get_num_threads() if torch is not None else None
     processes: list[EngineProcess] = []
     listening: list[socket.socket] = []
+    # Ctrl-C while the engines load ends the server as it does once uvicorn serves, which handles
+    # SIGINT whatever it found: a background job of a shell without job control starts with it
+    # ignored, and loading then went on deaf to it
+    main = threading.current_thread() is threading.main_thread()
+    interrupt = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
     try:
         listening = _listen(host, port)  # before a word is said
         port = listening[0].getsockname()[1]
@@ -132,6 +138,8 @@ def serve(
             engine.stop()
         for sock in listening:
             sock.close()
+        if interrupt is not None:
+            signal.signal(signal.SIGINT, interrupt)
 
 
 def read_chat_format(path: Path) -> ChatFormat:
