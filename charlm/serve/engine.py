@@ -13,7 +13,6 @@ delivery of each step's pieces to the server's event loops.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,10 +29,10 @@ from charlm.serve.streams import (
     Busy,
     Emit,
     Generates,
+    Pieces,
     Request,
     Sink,
     TooLarge,
-    deliver,
     make_room,
 )
 
@@ -138,7 +137,7 @@ class Engine:
         self._running = False
         self._draining = False  # drain() asked; the engine's thread ends the streams
         self._thread: threading.Thread | None = None
-        self._out: dict[asyncio.AbstractEventLoop, list] = {}  # this step's pieces, by event loop
+        self._pieces = Pieces()  # this step's, handed to the event loops once it is over
         self._sampler: BatchSampler[_Row] | None = None  # the rows' states and text: the engine thread's
         self.steps = 0
 
@@ -243,7 +242,7 @@ class Engine:
                 with self._lock:
                     rows, self._rows = self._rows, []
                 self._sampler = self._new_sampler()  # whatever state the step left
-                self._out = {}  # a finish held back here would be a row's second
+                self._pieces = Pieces()  # a finish held back here would be a row's second
                 for row in rows:
                     row.request.emit("", f"error: {exc}")
 
@@ -328,17 +327,8 @@ class Engine:
             request.emit("", f"error: {row}")
 
     def _send(self, request: Request, piece: str, finish: str | None) -> None:
-        """Emit now, or, for a :class:`Sink`, with the rest of this step's pieces (see _flush)."""
-        sink = request.emit
-        if isinstance(sink, Sink):
-            self._out.setdefault(sink.loop, []).append((sink.queue, (sink.index, piece, finish)))
-        else:
-            sink(piece, finish)
-
-    def _flush(self) -> None:
-        out, self._out = self._out, {}
-        for loop, items in out.items():
-            loop.call_soon_threadsafe(deliver, items)
+        """Emit with the rest of this step's pieces (a :class:`Sink`'s), or now."""
+        self._pieces.add(request.emit, piece, finish)
 
     def _step(self, rows: list[_Row]) -> None:
         """One step of the sampler: the rows admitted since the last join it, every row that has
@@ -379,7 +369,7 @@ class Engine:
                     self.cache.put(row.ids + row.generated[:-1], hidden, None)
                 self._send(request, "", row.decoder.finish)
                 row.left = True
-        self._flush()
+        self._pieces.flush()
         with self._lock:
             self._rows = [r for r in self._rows if not r.left]
         going = sampler.going()

@@ -37,7 +37,7 @@ from typing import Any
 from charlm import errors
 from charlm.config import SampleConfig
 from charlm.errors import CharlmError, ServeError
-from charlm.serve.streams import Request, Sink, deliver, make_room
+from charlm.serve.streams import Pieces, Request, Sink, make_room
 
 # how long the server waits for a child to load its model and say it is ready (seconds)
 START_SECONDS = 300.0
@@ -225,7 +225,7 @@ class EngineProcess:
                 pieces: list[_Piece] = self._conn.recv()
             except (EOFError, OSError):
                 break
-            out: dict[Any, list] = {}
+            step = Pieces()
             with self._lock:
                 for key, piece, finish, prompt_tokens, completion_tokens in pieces:
                     request = self._requests.get(key)
@@ -234,14 +234,8 @@ class EngineProcess:
                     request.prompt_tokens, request.completion_tokens = prompt_tokens, completion_tokens
                     if finish is not None:
                         del self._requests[key]
-                    sink = request.emit
-                    if isinstance(sink, Sink):
-                        out.setdefault(sink.loop, []).append((sink.queue, (sink.index, piece, finish)))
-                    else:
-                        sink(piece, finish)
-            for loop, items in out.items():
-                with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits for these
-                    loop.call_soon_threadsafe(deliver, items)
+                    step.add(request.emit, piece, finish)
+            step.flush()
         with self._lock:
             left, self._requests = list(self._requests.values()), {}
             unasked = not self._stopping
@@ -283,7 +277,7 @@ class _Pipe:
 
     def call_soon_threadsafe(self, callback: Any, *args: Any) -> None:
         with self.lock:
-            callback(*args)  # deliver, or a _Box's put_nowait: fills self.pieces
+            callback(*args)  # the step's delivery, or a _Box's put_nowait: fills self.pieces
             pieces, self.pieces = self.pieces, []
             with contextlib.suppress(OSError, ValueError):  # the server has gone: the child ends
                 self.conn.send(pieces)

@@ -7,6 +7,7 @@ run in processes of their own (:mod:`charlm.serve.process`), does not import PyT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,9 +36,30 @@ class Sink:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, piece, finish))
 
 
-def deliver(items: list[tuple[asyncio.Queue, tuple[int, str, str | None]]]) -> None:
+def _deliver(items: list[tuple[asyncio.Queue, tuple[int, str, str | None]]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
+
+
+class Pieces:
+    """A step's pieces, gathered by the event loop of their :class:`Sink`, so that each loop is
+    woken once a step, not once a token (an emit that is no Sink is called at once)."""
+
+    def __init__(self) -> None:
+        self._out: dict[asyncio.AbstractEventLoop, list] = {}
+
+    def add(self, emit: Emit, piece: str, finish: str | None) -> None:
+        if isinstance(emit, Sink):
+            self._out.setdefault(emit.loop, []).append((emit.queue, (emit.index, piece, finish)))
+        else:
+            emit(piece, finish)
+
+    def flush(self) -> None:
+        """Hand what was gathered to each loop, at once."""
+        out, self._out = self._out, {}
+        for loop, items in out.items():
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits for these
+                loop.call_soon_threadsafe(_deliver, items)
 
 
 class Busy(CharlmError):
